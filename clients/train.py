@@ -1,0 +1,73 @@
+"""Local training and evaluation of a LoRA-wrapped causal LM on tokenized chat examples."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import numpy as np
+import torch
+
+from .data import collate
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size: int, lr: float, seed: int,
+                proximal_mu: float = 0.0, anchor: dict | None = None) -> dict:
+    """``steps`` AdamW steps on batches sampled (seeded) from ``examples``; returns loss/time/tokens.
+
+    With ``proximal_mu > 0`` (FedProx) the loss adds ``mu/2 * ||w - anchor||^2`` over the trainable
+    (LoRA) tensors; ``anchor`` maps peft state-dict names to the global adapter.
+    """
+    if not examples:
+        raise ValueError("no training examples on this client")
+    rng = np.random.default_rng(seed)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    prox = []
+    if proximal_mu > 0 and anchor is not None:
+        for n, p in named:
+            key = n.replace(".default.", ".")
+            if key in anchor:
+                prox.append((p, torch.as_tensor(anchor[key], dtype=p.dtype)))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses, tokens = [], 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
+        batch = collate([examples[i] for i in idx], pad_id)
+        out = model(**batch)
+        loss = out.loss
+        if prox:
+            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in prox)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+        tokens += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - start
+    return {"train-loss": float(np.mean(losses)), "train-seconds": seconds, "train-tokens": tokens,
+            "tokens-per-second": tokens / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max_batches: int | None = None) -> dict:
+    """Token-weighted mean loss over the answer tokens and its perplexity."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    for batch_examples in batches[: max_batches or len(batches)]:
+        batch = collate(batch_examples, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total_loss += float(loss)
+        total_tokens += int((labels != -100).sum())
+    mean = total_loss / max(total_tokens, 1)
+    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "num-examples": sum(len(b) for b in batches[: max_batches or len(batches)])}

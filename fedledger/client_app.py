@@ -1,0 +1,123 @@
+"""fedledger ClientApp: local LoRA fine-tuning that exchanges only adapter tensors.
+
+- ``train``: load the global adapter, run ``local-steps`` AdamW steps on this node's partition,
+  reply with the new adapter (fp32 ``ArrayRecord`` "arrays") and a ``MetricRecord`` "metrics".
+  With ``audit`` on, the reply also carries an "audit" ``ConfigRecord``: the SHA-256 of the
+  adapter and this node's Ethereum signature over (run id, round, hash).
+- ``evaluate``: loss and perplexity of the received adapter on held-out text of this node's
+  categories (the node never trained on it).
+- Serverless exchanges (ring / gossip) register their own message handlers from
+  ``fedledger.client_peer``.
+
+Model and data are loaded once per process (``fedledger.task``), never per round.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedledger.clients import model as model_lib
+from fedledger.clients import train as train_lib
+from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
+
+from .config import Settings
+from .task import get_task
+
+log = logging.getLogger("fedledger")
+app = ClientApp()
+
+
+def node_identity(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config (simulation or deployment)."""
+    cfg = context.node_config
+    try:
+        return int(cfg["partition-id"]), int(cfg["num-partitions"])
+    except KeyError:
+        raise ValueError(
+            "node config needs partition-id and num-partitions; start the SuperNode with "
+            "--node-config \"partition-id=0 num-partitions=2\""
+        ) from None
+
+
+def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
+    """Train from the adapter in ``msg["arrays"]``; return (new adapter, metrics)."""
+    settings = Settings.from_run_config(context.run_config)
+    pid, num_partitions = node_identity(context)
+    task = get_task(settings, num_partitions)
+    global_adapter = as_numpy_dict(msg.content["arrays"])
+    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    attack = settings.attack if pid in settings.malicious_ids() else "none"
+    data_attack = attack != "none" and _attacks().is_data_attack(attack)
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0)) if "config" in msg.content else 0.0
+
+    model_lib.set_adapter(task.model, global_adapter)
+    examples = task.examples("partition", pid, poisoned=attack if data_attack else None)
+    seed = int(np.random.SeedSequence([settings.seed, pid, server_round]).generate_state(1)[0])
+    stats = train_lib.train_steps(task.model, examples, task.pad_id, settings.local_steps, settings.batch_size,
+                                  settings.learning_rate, seed, proximal_mu=proximal_mu,
+                                  anchor=global_adapter if proximal_mu > 0 else None)
+    local = model_lib.get_adapter(task.model)
+    if attack != "none" and not data_attack:
+        local = _attacks().apply_update_attack(attack, local, global_adapter, np.random.default_rng(seed))
+    metrics = {
+        "num-examples": len(task.splits["partitions"][pid]),
+        "train-loss": stats["train-loss"],
+        "train-seconds": stats["train-seconds"],
+        "tokens-per-second": stats["tokens-per-second"],
+        "peak-rss-mb": train_lib.peak_rss_mb(),
+        "partition-id": pid,
+    }
+    return local, metrics
+
+
+def _attacks():
+    from fedledger.clients import attacks
+
+    return attacks
+
+
+def _audit_record(settings: Settings, context: Context, arrays: dict, server_round: int) -> ConfigRecord | None:
+    if settings.audit == "none":
+        return None
+    from fedledger.chain import signing
+
+    account = signing.node_account(context.node_config, context.run_config)
+    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, account))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    arrays, metrics = train_local(msg, context)
+    content = RecordDict({"arrays": to_arrayrecord(arrays), "metrics": MetricRecord(metrics)})
+    settings = Settings.from_run_config(context.run_config)
+    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    audit = _audit_record(settings, context, arrays, server_round)
+    if audit is not None:
+        content["audit"] = audit
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings = Settings.from_run_config(context.run_config)
+    pid, num_partitions = node_identity(context)
+    task = get_task(settings, num_partitions)
+    model_lib.set_adapter(task.model, as_numpy_dict(msg.content["arrays"]))
+    mine = task.examples("heldout", categories=task.categories(pid))
+    result = train_lib.evaluate(task.model, mine, task.pad_id, max_batches=settings.eval_batches)
+    return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
+
+
+def _register_peer_handlers() -> None:
+    try:
+        from fedledger import client_peer
+    except ImportError:  # serverless handlers not installed
+        return
+    client_peer.register(app, train_local)
+
+
+_register_peer_handlers()

@@ -1,0 +1,75 @@
+"""What a party needs for a run, built once per process and cached: the LoRA-wrapped model,
+its tokenizer, and the tokenized data splits. Both apps use it; nothing is reloaded per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fedledger.clients import data as data_lib
+from fedledger.clients import model as model_lib
+from fedledger.clients import train as train_lib
+
+from .config import Settings
+
+log = logging.getLogger("fedledger")
+_CACHE: dict[tuple, "Task"] = {}
+_LOCK = threading.Lock()
+
+
+class Task:
+    """Model + tokenizer + splits for one (model, LoRA, data, partitions, seed) setting."""
+
+    def __init__(self, settings: Settings, num_partitions: int):
+        self.settings = settings
+        self.num_partitions = num_partitions
+        base, self.tokenizer = model_lib.load_model(settings.model, settings.cache_dir(), settings.quantization, seed=settings.seed)
+        self.model = model_lib.add_lora(base, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets, seed=settings.seed)
+        self.initial_adapter = model_lib.get_adapter(self.model)
+        self.splits = data_lib.federated_splits(
+            settings.dataset, num_partitions, settings.partitioner, settings.seed,
+            heldout_fraction=settings.heldout_fraction, alpha=settings.dirichlet_alpha,
+        )
+        self._tokenized: dict = {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def examples(self, split: str, partition_id: int | None = None, poisoned: str | None = None,
+                 categories: frozenset | None = None) -> list[dict]:
+        """Tokenized examples of ``heldout``, ``root`` or a client ``partition`` (cached).
+
+        ``categories`` keeps only records of those categories (e.g. a node's own held-out text).
+        """
+        key = (split, partition_id, poisoned, categories)
+        if key not in self._tokenized:
+            records = self.splits["partitions"][partition_id] if split == "partition" else self.splits[split]
+            if categories is not None:
+                records = [r for r in records if r["category"] in categories] or records
+            if poisoned:
+                from fedledger.clients import attacks as attack_lib
+
+                records = attack_lib.poison_records(records, poisoned, seed=self.settings.seed + (partition_id or 0))
+            self._tokenized[key] = data_lib.tokenize(records, self.tokenizer, self.settings.max_length)
+        return self._tokenized[key]
+
+    def categories(self, partition_id: int) -> frozenset:
+        return frozenset(r["category"] for r in self.splits["partitions"][partition_id])
+
+    def evaluate(self, adapter, split: str = "heldout", max_batches: int | None = None) -> dict:
+        model_lib.set_adapter(self.model, adapter)
+        examples = self.examples(split)
+        return train_lib.evaluate(self.model, examples, self.pad_id, batch_size=16, max_batches=max_batches)
+
+
+def get_task(settings: Settings, num_partitions: int) -> Task:
+    """The cached Task of this process for these settings (built on first use)."""
+    key = (settings.model_key(), settings.dataset, settings.partitioner, settings.dirichlet_alpha,
+           settings.heldout_fraction, settings.max_length, num_partitions)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()  # one model per process: a new setting replaces the old one
+            _CACHE[key] = Task(settings, num_partitions)
+        return _CACHE[key]

@@ -1,0 +1,179 @@
+"""Shared maths for every strategy: flattening adapters, weighted averages, Gram matrices and
+reply validation. One place for the hot loops, so they can be made fast once.
+
+Adapters travel as Flower ``ArrayRecord`` objects (name -> fp32 array). Helpers here accept an
+``ArrayRecord`` or a plain ``dict[str, np.ndarray]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+log = logging.getLogger("fedledger")
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+def as_numpy_dict(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Name -> numpy array, in the record's order."""
+    if isinstance(arrays, ArrayRecord):
+        return {k: v.numpy() for k, v in arrays.items()}
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def to_arrayrecord(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Build an ArrayRecord that keeps the names (Flower's list form would lose them)."""
+    import torch
+
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def layout(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) for every tensor, in order: two updates are compatible iff layouts match."""
+    return [(k, tuple(v.shape)) for k, v in as_numpy_dict(arrays).items()]
+
+
+def flatten(arrays: ArrayRecord | Mapping[str, np.ndarray], dtype=np.float32) -> np.ndarray:
+    """Concatenate every tensor (in record order) into one 1-D vector."""
+    parts = [np.ravel(v).astype(dtype, copy=False) for v in as_numpy_dict(arrays).values()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def unflatten(vector: np.ndarray, like: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`flatten` using the names and shapes of ``like``."""
+    out, start = {}, 0
+    for name, shape in layout(like):
+        size = int(np.prod(shape)) if shape else 1
+        out[name] = vector[start : start + size].reshape(shape).astype(np.float32, copy=False)
+        start += size
+    if start != vector.size:
+        raise ValueError(f"vector has {vector.size} values, layout needs {start}")
+    return out
+
+
+def stack(updates: Sequence[ArrayRecord | Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(N, P) float32 matrix, one flattened update per row, written in place (one copy)."""
+    first = flatten(updates[0])
+    out = np.empty((len(updates), first.size), dtype=np.float32)
+    out[0] = first
+    for i, u in enumerate(updates[1:], start=1):
+        offset = 0
+        for v in as_numpy_dict(u).values():
+            n = v.size
+            out[i, offset : offset + n] = np.ravel(v)
+            offset += n
+    return out
+
+
+def weighted_average(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of the rows of ``vectors`` (weights need not sum to one): one GEMV."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size != vectors.shape[0]:
+        raise ValueError("one weight per row is needed")
+    total = w.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError("weights must be finite and sum to a positive number")
+    return (w / total).astype(np.float32) @ vectors
+
+
+def weighted_average_arrays(
+    updates: Sequence[ArrayRecord | Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Weighted mean of whole adapters, returned with the first update's names and shapes."""
+    return unflatten(weighted_average(stack(updates), weights), updates[0])
+
+
+def gram(vectors: np.ndarray) -> np.ndarray:
+    """All pairwise dot products of the rows: one (N, P) x (P, N) GEMM."""
+    return vectors @ vectors.T
+
+
+def cosine_matrix(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """All pairwise cosine similarities from one Gram matrix (no N^2 Python loop)."""
+    g = gram(vectors).astype(np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    return g / np.maximum(np.outer(norms, norms), eps)
+
+
+def array_nbytes(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> int:
+    """Payload bytes of an adapter (sum of tensor sizes)."""
+    return int(sum(v.nbytes for v in as_numpy_dict(arrays).values()))
+
+
+def message_nbytes(msg: Message) -> int:
+    """Bytes of every array carried by a message (the part that dominates traffic)."""
+    if msg.has_error():
+        return 0
+    total = 0
+    for rec in msg.content.array_records.values():
+        total += sum(a.numpy().nbytes for a in rec.values())
+    return int(total)
+
+
+def invalid_reason(
+    arrays: ArrayRecord | Mapping[str, np.ndarray] | None,
+    expected: Iterable[tuple[str, tuple[int, ...]]] | None,
+) -> str | None:
+    """Why an update must not be merged (wrong keys, wrong shapes, NaN/Inf), or None if fine."""
+    if arrays is None:
+        return "no ArrayRecord in reply"
+    got = as_numpy_dict(arrays)
+    if not got:
+        return "empty ArrayRecord"
+    if expected is not None:
+        exp = dict(expected)
+        missing = sorted(set(exp) - set(got))
+        extra = sorted(set(got) - set(exp))
+        if missing or extra:
+            return f"wrong keys (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
+        for name, shape in exp.items():
+            if tuple(got[name].shape) != tuple(shape):
+                return f"wrong shape for {name}: {tuple(got[name].shape)} != {tuple(shape)}"
+    for name, v in got.items():
+        if not np.issubdtype(v.dtype, np.floating):
+            return f"non-float tensor {name} ({v.dtype})"
+        if not np.all(np.isfinite(v)):
+            return f"NaN/Inf values in {name}"
+    return None
+
+
+def reply_arrays(msg: Message, key: str = ARRAYS_KEY) -> ArrayRecord | None:
+    """The ArrayRecord of a reply, or None if the reply is an error or has none under ``key``."""
+    if msg.has_error():
+        return None
+    return msg.content.array_records.get(key)
+
+
+def num_examples(msg: Message, key: str = NUM_EXAMPLES_KEY) -> float:
+    """``num-examples`` from the reply's (single) MetricRecord, or 0 when absent."""
+    for rec in msg.content.metric_records.values():
+        if key in rec:
+            return float(rec[key])
+    return 0.0
+
+
+def filter_valid_replies(
+    replies: Iterable[Message], expected: Iterable[tuple[str, tuple[int, ...]]] | None, *, who: str = "strategy"
+) -> list[Message]:
+    """Drop replies that are errors, malformed or non-finite, logging a reason for each."""
+    expected = list(expected) if expected is not None else None
+    kept = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("%s: dropped reply from node %s: error %s", who, node, msg.error.reason)
+            continue
+        reason = invalid_reason(reply_arrays(msg), expected)
+        if reason is None and num_examples(msg) <= 0:
+            reason = "missing or non-positive 'num-examples' metric"
+        if reason is not None:
+            log.warning("%s: rejected update from node %s: %s", who, node, reason)
+            continue
+        kept.append(msg)
+    return kept
