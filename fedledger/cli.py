@@ -68,9 +68,10 @@ def cmd_run(args) -> int:
     folder = _latest_run_folder(run_dir)
     print(f"\nfedledger: run {outcome.run_id} status {outcome.status}")
     if not outcome.ok:
-        errors = [l for l in outcome.log.splitlines() if "fedledger:" in l and "error" in l.lower() or "Error" in l]
+        errors = [l[l.index("fedledger: error:"):] for l in outcome.log.splitlines() if "fedledger: error:" in l]
+        errors = errors or [l.strip() for l in outcome.log.splitlines() if "Error" in l][-1:]
         if errors:
-            print("fedledger: " + errors[-1].strip(), file=sys.stderr)
+            print(errors[0], file=sys.stderr)
         return 1
     if folder and folder != before:
         print(f"fedledger: results in {folder}")

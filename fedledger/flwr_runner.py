@@ -96,8 +96,22 @@ def stop_local_superlink(flwr_home: str) -> list[int]:
 
 def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: str = "",
                    flwr_home: str = ".flwr", superlink: str | None = None, timeout: float = 3600,
-                   echo: bool = True, keep_superlink: bool = False) -> RunOutcome:
-    """``flwr run APP [SUPERLINK] --stream`` + real status check + SuperLink clean-up."""
+                   echo: bool = True, keep_superlink: bool = False, attempts: int = 2) -> RunOutcome:
+    """``flwr run APP [SUPERLINK] --stream`` + real status check + SuperLink clean-up.
+
+    A run that never started (the local SuperLink missed flwr's 15 s start-up window on a busy
+    machine) is tried again, up to ``attempts`` times.
+    """
+    for attempt in range(attempts):
+        outcome = _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo, keep_superlink)
+        if outcome.run_id is not None or "Error" in outcome.log:
+            return outcome
+        if echo:
+            print(f"fedledger: the run did not start (attempt {attempt + 1}/{attempts})", file=sys.stderr)
+    return outcome
+
+
+def _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo, keep_superlink) -> RunOutcome:
     os.makedirs(flwr_home, exist_ok=True)
     env = flwr_env(flwr_home)
     cmd = [_flwr_bin("flwr"), "run", app_dir]

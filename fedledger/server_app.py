@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedledger.clients import model as model_lib
+from fedledger.clients.data import DataError
+from fedledger.clients.model import ModelError
 from fedledger.clients import train as train_lib
 from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
 
@@ -76,14 +78,16 @@ def _jsonable(record) -> dict:
 def main(grid: Grid, context: Context) -> None:
     try:
         settings = Settings.from_run_config(context.run_config)
-    except ConfigError as exc:
-        log.error("fedledger: %s", exc)
-        raise SystemExit(f"fedledger: {exc}") from None
+        task = get_task(settings, 1)  # the server needs the held-out and root splits only
+    except (ConfigError, ModelError, DataError) as exc:  # bad input: one line, no traceback wall
+        # Logged as one line; re-raised so that Flower records the run as failed (SystemExit
+        # would be recorded as "completed").
+        log.error("fedledger: error: %s", exc)
+        raise RuntimeError(f"fedledger: error: {exc}") from None
     folder = run_folder(settings, context.run_id)
     log.info("fedledger: run folder %s", folder)
     num_nodes = len(list(grid.get_node_ids())) or int(settings.get("num-supernodes", 2))
 
-    task = get_task(settings, 1)  # the server needs the held-out and root splits only
     history: dict = {}
     wrap_audit, ledger_info = _audit_factory(settings, folder, context.run_id)
     strategy = build_strategy(settings, num_nodes, reference_fn=make_reference_fn(task, settings), audit=wrap_audit)

@@ -1,0 +1,73 @@
+"""Start a loopback Flower deployment (one SuperLink, N SuperNodes) and stop it by PID.
+
+Used by the deployment test and documented in the README; in a real deployment each process
+runs on its own machine with TLS instead of ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from .flwr_runner import _flwr_bin, flwr_env, free_port
+
+
+@dataclass
+class LocalDeployment:
+    workdir: str
+    num_supernodes: int = 2
+    procs: list = field(default_factory=list)
+    port: int = 0
+
+    def start(self) -> "LocalDeployment":
+        os.makedirs(self.workdir, exist_ok=True)
+        self.port = free_port()
+        env = flwr_env(os.path.join(self.workdir, "flwr-home"))
+        self._spawn([_flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                     "--host", "127.0.0.1", "--port", str(self.port),
+                     "--database", os.path.join(self.workdir, "state.db")], env, "superlink.log")
+        time.sleep(3)
+        for i in range(self.num_supernodes):
+            self._spawn([_flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                         "--port", str(free_port()),
+                         "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}"], env, f"supernode-{i}.log")
+        self.write_flwr_config(env["FLWR_HOME"])
+        return self
+
+    def _spawn(self, cmd, env, logname):
+        log = open(os.path.join(self.workdir, logname), "w")
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def write_flwr_config(self, flwr_home: str) -> None:
+        os.makedirs(flwr_home, exist_ok=True)
+        with open(os.path.join(flwr_home, "config.toml"), "w") as fh:
+            fh.write(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    @property
+    def flwr_home(self) -> str:
+        return os.path.join(self.workdir, "flwr-home")
+
+    def stop(self) -> None:
+        """SIGTERM each process group we started (supernodes first), then SIGKILL stragglers."""
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

