@@ -167,9 +167,19 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.sep in ref and not ref.count("/") == 1 or os.path.exists(ref)
 
 
-def load_model(model: str = "smollm2", cache_dir: str | None = None, quantization: str = "none", seed: int = 0):
-    """``(model, tokenizer)`` for a model reference (see module docstring), fp32 unless quantized."""
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model: str = "smollm2", cache_dir: str | None = None, quantization: str = "none", seed: int = 0,
+               device: str | None = None):
+    """``(model, tokenizer)`` for a model reference (see module docstring), fp32 unless quantized.
+
+    ``device`` defaults to CUDA when available (set ``FEDLEDGER_DEVICE=cpu`` to force the CPU).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or os.environ.get("FEDLEDGER_DEVICE") or default_device()
 
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -181,7 +191,8 @@ def load_model(model: str = "smollm2", cache_dir: str | None = None, quantizatio
             folder = os.path.join(cache_dir or default_cache_dir(), f"tiny-seed{seed}")
             with _file_lock(folder + ".lock"):
                 net.save_pretrained(folder)
-            net = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, dtype=torch.float32)
+            net = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, dtype=torch.float32,
+                                                       device_map={"": device})
     else:
         if model == "smollm2":
             path = smollm2_dir(cache_dir)
@@ -196,13 +207,16 @@ def load_model(model: str = "smollm2", cache_dir: str | None = None, quantizatio
             path = model  # a hub id: only works where a hub is reachable
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            net = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.float32)
+            kwargs = {"device_map": {"": device}} if qconfig is not None else {}
+            net = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.float32, **kwargs)
         except OSError as exc:
             raise ModelError(f"could not load model {model!r} ({str(exc).splitlines()[0]}); use a local model folder or model=smollm2") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if qconfig is not None:
         fix_bnb_cpu_gradients(net)
+    else:
+        net = net.to(device)
     return net, tokenizer
 
 

@@ -12,6 +12,14 @@ import torch
 from .data import collate
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -26,6 +34,7 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
     if not examples:
         raise ValueError("no training examples on this client")
     rng = np.random.default_rng(seed)
+    device = _device(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     prox = []
@@ -33,14 +42,14 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
         for n, p in named:
             key = n.replace(".default.", ".")
             if key in anchor:
-                prox.append((p, torch.as_tensor(anchor[key], dtype=p.dtype)))
+                prox.append((p, torch.as_tensor(anchor[key], dtype=p.dtype, device=p.device)))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses, tokens = [], 0
     start = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
-        batch = collate([examples[i] for i in idx], pad_id)
+        batch = _to(collate([examples[i] for i in idx], pad_id), device)
         out = model(**batch)
         loss = out.loss
         if prox:
@@ -51,6 +60,8 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
         optimizer.step()
         losses.append(float(out.loss.detach()))
         tokens += int(batch["attention_mask"].sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"train-loss": float(np.mean(losses)), "train-seconds": seconds, "train-tokens": tokens,
             "tokens-per-second": tokens / max(seconds, 1e-9)}
@@ -60,10 +71,11 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max_batches: int | None = None) -> dict:
     """Token-weighted mean loss over the answer tokens and its perplexity."""
     model.eval()
+    device = _device(model)
     total_loss, total_tokens = 0.0, 0
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch_examples in batches[: max_batches or len(batches)]:
-        batch = collate(batch_examples, pad_id)
+        batch = _to(collate(batch_examples, pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
