@@ -177,3 +177,17 @@ def filter_valid_replies(
             continue
         kept.append(msg)
     return kept
+
+
+def gram_with_reference(vectors: np.ndarray, reference: np.ndarray | None = None):
+    """(Gram of the rows, rows . reference, reference . reference) without stacking a copy.
+
+    One (N, P) x (P, N) GEMM plus one GEMV: the reference row is never concatenated to
+    ``vectors`` (that would copy all N x P values). Returns float64 results; the last two are
+    None without a reference.
+    """
+    g = gram(vectors).astype(np.float64)
+    if reference is None:
+        return g, None, None
+    ref = np.asarray(reference, dtype=vectors.dtype).ravel()
+    return g, (vectors @ ref).astype(np.float64), float(np.dot(ref.astype(np.float64), ref.astype(np.float64)))

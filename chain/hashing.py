@@ -1,0 +1,131 @@
+"""Canonical SHA-256 of a LoRA adapter (a mapping of tensor name -> array).
+
+Format ``fedledger.adapter.v1`` (what is fed to SHA-256, in this order):
+
+1. the 21 ASCII bytes ``b"fedledger.adapter.v1\\n"``;
+2. the header length as an unsigned 64-bit little-endian integer;
+3. the header: UTF-8 JSON, no whitespace (``separators=(",", ":")``, ``ensure_ascii=True``), a
+   list with one ``[name, dtype, shape]`` entry per tensor, tensors sorted by name (Python string
+   order = Unicode code points). ``dtype`` is numpy's little-endian ``dtype.str``
+   (``"<f4"``, ``"<f2"``, ``"|u1"``...), ``shape`` a list of ints;
+4. every tensor's raw bytes, in the header's order: C order, little-endian, no padding.
+
+So equal tensors (same names, dtypes, shapes, values) give the same hash on any machine; a
+different dtype or shape with the same bytes gives a different hash. ``-0.0`` and ``0.0`` or two
+NaN payloads differ (bytes are hashed, not values). Object arrays are refused.
+
+The data are streamed: one ``hashlib`` update per tensor over a zero-copy view, no concatenation
+(``bench/bench_chain.py`` measures throughput against plain ``hashlib.sha256`` on the same bytes).
+Accepted input: anything with ``.items()`` giving numpy-convertible values (numpy arrays, a Flower
+``ArrayRecord``/``Array`` via ``.numpy()``, CPU torch tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+MAGIC = b"fedledger.adapter.v1\n"
+HASH_FORMAT = "fedledger.adapter.v1"
+_LITTLE = np.little_endian
+_CANONICAL_ORDERS = "<|=" if _LITTLE else "<|"
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype.byteorder in _CANONICAL_ORDERS \
+            and not value.dtype.hasobject:
+        return value  # fast path: already canonical
+    if isinstance(value, np.ndarray):
+        arr = value
+    elif hasattr(value, "numpy") and callable(value.numpy):  # flwr Array, torch tensor
+        t = value
+        if hasattr(t, "detach"):
+            t = t.detach().cpu()
+        arr = np.asarray(t.numpy())
+    else:
+        arr = np.asarray(value)
+    if arr.dtype.hasobject:
+        raise TypeError("cannot hash an object array")
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+
+
+def canonical_arrays(arrays: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """Sorted ``(name, contiguous little-endian array)`` pairs, as hashed."""
+    converted = {}
+    for k, v in arrays.items():
+        name = str(k)
+        if name in converted:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        converted[name] = _as_array(v)
+    return [(name, converted[name]) for name in sorted(converted)]
+
+
+def header_bytes(items: list[tuple[str, np.ndarray]]) -> bytes:
+    # arrays are little-endian here (``_as_array``), so dtype.str is "<f4"-style or "|u1"-style
+    cache = _DTYPE_STR
+    names = [name for name, _ in items]
+    if _PLAIN.fullmatch("".join(names)):
+        # fast path, same bytes as the JSON encoder: names need no escaping
+        parts = []
+        for name, arr in items:
+            ds = cache.get(arr.dtype)
+            if ds is None:
+                ds = cache[arr.dtype] = arr.dtype.str
+            parts.append(f'["{name}","{ds}",[{",".join(map(str, arr.shape))}]]')
+        return ("[" + ",".join(parts) + "]").encode("ascii")
+    header = []
+    for name, arr in items:
+        ds = cache.get(arr.dtype)
+        if ds is None:
+            ds = cache[arr.dtype] = arr.dtype.str
+        header.append([name, ds, [int(d) for d in arr.shape]])
+    return _ENCODER.encode(header).encode("ascii")
+
+
+_PLAIN = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")  # printable ASCII except '"' and '\\': no JSON escaping
+_DTYPE_STR: dict = {}
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+def update_hash_bytes(arrays: Mapping[str, Any]) -> bytes:
+    """32-byte SHA-256 digest of ``arrays`` in the ``fedledger.adapter.v1`` format."""
+    items = canonical_arrays(arrays)
+    header = header_bytes(items)
+    h = hashlib.sha256()
+    h.update(MAGIC)
+    h.update(struct.pack("<Q", len(header)))
+    h.update(header)
+    for _, arr in items:
+        if arr.size:
+            h.update(arr if arr.ndim else arr.reshape(1))  # zero-copy: hashlib reads the C-contiguous buffer
+    return h.digest()
+
+
+def update_hash(arrays: Mapping[str, Any]) -> str:
+    """``"0x"`` + 64 hex digits: the canonical SHA-256 of ``arrays``."""
+    return "0x" + update_hash_bytes(arrays).hex()
+
+
+def to_bytes32(value: str | bytes) -> bytes:
+    """A hash given as ``0x``-hex or 32 raw bytes -> 32 raw bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        b = bytes(value)
+    else:
+        s = value[2:] if value.startswith(("0x", "0X")) else value
+        b = bytes.fromhex(s)
+    if len(b) != 32:
+        raise ValueError(f"expected a 32-byte hash, got {len(b)} bytes")
+    return b
+
+
+def to_hex(value: bytes) -> str:
+    return "0x" + bytes(value).hex()

@@ -1,0 +1,95 @@
+"""Chain commands of the ``fedledger`` CLI: ``devnet start|stop|status`` and ``audit``.
+
+``fedledger/cli.py`` calls :func:`add_chain_commands`; ``python -m fedledger.cli_chain ...`` works
+too. Bad input (unreachable RPC, wrong chain id, unknown registry, missing artifact or run
+folder) prints one ``fedledger: error: ...`` line and exits with code 2; an audit that finds
+problems exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_PROBLEMS, EXIT_BAD_INPUT = 1, 2
+
+
+def _fail(msg: str) -> int:
+    print(f"fedledger: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def audit_run_folder(folder: str, rpc_url: str | None = None, registry_address: str | None = None,
+                     as_json: bool = False, atol: float = 0.0) -> int:
+    """Audit one run folder, print the table (or JSON); 0 = all OK, 1 = problems, 2 = bad input."""
+    from fedledger.chain.audit import audit_run
+    from fedledger.chain.ledger import LedgerError
+
+    try:
+        report = audit_run(folder, rpc_url=rpc_url, registry_address=registry_address, atol=atol)
+    except LedgerError as exc:
+        return _fail(str(exc))
+    except (OSError, ValueError, KeyError) as exc:
+        return _fail(f"cannot read the audit record in {folder} ({type(exc).__name__}: {exc}); "
+                     f"pass the folder of an audited run")
+    print(json.dumps(report.to_dict(), indent=1) if as_json else report.table())
+    return 0 if report.ok else EXIT_PROBLEMS
+
+
+def cmd_audit(args) -> int:
+    return audit_run_folder(args.run_folder, rpc_url=args.rpc_url, registry_address=args.registry_address,
+                            as_json=args.json, atol=args.atol)
+
+
+def cmd_devnet(args) -> int:
+    from fedledger.chain import devnet
+    from fedledger.chain.ledger import LedgerError
+
+    try:
+        if args.action == "start":
+            info = devnet.start(port=args.port, state_dir=args.dir)
+        elif args.action == "stop":
+            info = devnet.stop(state_dir=args.dir)
+        else:
+            info = devnet.status(state_dir=args.dir)
+    except LedgerError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(info, indent=1))
+    elif info["running"]:
+        extra = f", block {info['block']}, chain id {info['chain-id']}" if "block" in info else ""
+        print(f"devnet: {info.get('note', 'running')}: anvil pid {info['pid']} at {info.get('rpc-url')}{extra}; "
+              f"state {info['state-file']}")
+    else:
+        print(f"devnet: {info.get('note', 'not running')} (state {info['state-file']})")
+    return 0 if (info["running"] or args.action != "status") else 3
+
+
+def add_chain_commands(subparsers) -> None:
+    audit = subparsers.add_parser("audit", help="audit a run: chain records vs stored updates and aggregates")
+    audit.add_argument("run_folder", help="folder of an audited run (holds audit/ledger.json)")
+    audit.add_argument("--rpc-url", default=None, help="JSON-RPC URL (default: the one the run used)")
+    audit.add_argument("--registry-address", default=None, help="registry address (default: the run's)")
+    audit.add_argument("--atol", type=float, default=0.0, help="tolerance for the recomputed aggregate (default: bit-exact)")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=cmd_audit)
+
+    dev = subparsers.add_parser("devnet", help="local anvil devnet with its state in a file")
+    dev.add_argument("action", choices=["start", "stop", "status"])
+    dev.add_argument("--port", type=int, default=8545)
+    dev.add_argument("--dir", default=None, help="state folder (default: .fedledger/devnet in the cwd)")
+    dev.add_argument("--json", action="store_true")
+    dev.set_defaults(func=cmd_devnet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedledger", description="fedledger chain commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_chain_commands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""ClientApp handlers of the serverless exchanges (ring all-reduce, gossip, async gossip).
+
+Flower is hub-and-spoke: in these modes the ServerApp never averages, it only *relays* each
+peer's payload to the peer(s) the topology says it goes to. The merging happens here, on the
+peer, with the pure-numpy maths of ``fedledger.strategies.peer``; each node's model and ring
+buffer persist in ``context.state`` between messages. The same handlers run in simulation and
+deployment.
+
+    from fedledger import client_peer
+    client_peer.register(app, train_local)   # adds train.ring, train.gossip, train.async
+
+A payload from a peer that is malformed (wrong keys/shape, NaN/Inf) is never merged: it is
+dropped with a logged reason and the reply says ``rejected`` so the relay can route around
+the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedledger.strategies import peer as peer_lib
+from fedledger.strategies.kernels import as_numpy_dict, flatten, invalid_reason, layout, to_arrayrecord, unflatten
+
+log = logging.getLogger("fedledger")
+
+MODEL_KEY = "peer.model"
+VEC_KEY = "peer.vec"
+META_KEY = "peer.meta"
+
+
+# ---------------------------------------------------------------------- state helpers
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content["config"] if "config" in msg.content.config_records else ConfigRecord()
+
+
+def _model(msg: Message, context: Context) -> dict[str, np.ndarray]:
+    """This peer's current model: its state, or the arrays the relay sent (first round)."""
+    if "arrays" in msg.content.array_records:
+        arrays = as_numpy_dict(msg.content["arrays"])
+        reason = invalid_reason(arrays, layout(context.state[MODEL_KEY]) if MODEL_KEY in context.state.array_records else None)
+        if reason is None:
+            return arrays
+        log.warning("peer %s: ignored initial arrays: %s", context.node_id, reason)
+    if MODEL_KEY in context.state.array_records:
+        return as_numpy_dict(context.state[MODEL_KEY])
+    raise RuntimeError("peer has no model yet: the first message of a run must carry 'arrays'")
+
+
+def _meta(context: Context) -> ConfigRecord:
+    if META_KEY not in context.state.config_records:
+        context.state[META_KEY] = ConfigRecord({"num-examples": 1.0, "mass": 1.0, "version": 0})
+    return context.state[META_KEY]
+
+
+def _save_model(context: Context, arrays: dict[str, np.ndarray]) -> None:
+    context.state[MODEL_KEY] = to_arrayrecord(arrays)
+
+
+def _train(msg: Message, context: Context, train_local, model: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    shim = SimpleNamespace(content=RecordDict({"arrays": to_arrayrecord(model), "config": _config(msg)}),
+                           metadata=msg.metadata)
+    arrays, metrics = train_local(shim, context)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, dict(metrics)
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _reply(msg: Message, **records) -> Message:
+    return Message(RecordDict({k: v for k, v in records.items() if v is not None}), reply_to=msg)
+
+
+# ---------------------------------------------------------------------- ring all-reduce
+def handle_ring(msg: Message, context: Context, train_local) -> Message:
+    """``phase=train``: train locally, keep ``[n x, n]`` as this peer's ring vector.
+    ``phase=step``: merge the chunk received from the ring predecessor (add during
+    reduce-scatter, overwrite during all-gather), reply with the chunk to pass on; on
+    ``finish`` the buffer holds the FedAvg of the ring and becomes this peer's model."""
+    cfg = _config(msg)
+    phase = str(cfg.get("phase", "train"))
+    if phase == "train":
+        model = _model(msg, context)
+        local, metrics = _train(msg, context, train_local, model)
+        n = float(metrics.get("num-examples", 1.0))
+        vec = peer_lib.weighted_vector(local, n)
+        context.state[VEC_KEY] = ArrayRecord({"local": _t(vec), "buf": _t(vec.copy())})
+        _save_model(context, local)
+        _meta(context)["num-examples"] = n
+        return _reply(msg, metrics=MetricRecord(_numeric(metrics)))
+
+    vecs = context.state[VEC_KEY]
+    buf = vecs["buf"].numpy().copy()
+    if bool(cfg.get("reset", False)):
+        buf = vecs["local"].numpy().copy()
+    n_ring = int(cfg["ring-size"])
+    bounds = peer_lib.chunk_bounds(buf.size, n_ring)
+    rejected, reason = 0, None
+    in_index = int(cfg.get("in-index", -1))
+    if in_index >= 0:
+        payload = msg.content.array_records.get("chunk")
+        a, b = bounds[in_index]
+        reason = invalid_reason(payload, [("chunk", (b - a,))])
+        if reason is None:
+            peer_lib.apply_chunk(buf, bounds[in_index], payload["chunk"].numpy(), str(cfg.get("in-op", "add")))
+        else:
+            rejected = 1
+            log.warning("peer %s: dropped ring chunk from node %s: %s", context.node_id, cfg.get("in-from", "?"), reason)
+    content = {"metrics": MetricRecord({"rejected": rejected})}
+    if not rejected:
+        context.state[VEC_KEY] = ArrayRecord({"local": _t(vecs["local"].numpy()), "buf": _t(buf)})
+        out_index = int(cfg.get("out-index", -1))
+        if out_index >= 0:
+            a, b = bounds[out_index]
+            content["chunk"] = ArrayRecord({"chunk": _t(buf[a:b].copy())})
+        if bool(cfg.get("finish", False)):
+            _save_model(context, peer_lib.vector_to_adapter(buf, as_numpy_dict(context.state[MODEL_KEY])))
+    else:
+        content["status"] = ConfigRecord({"reason": reason or ""})
+    return _reply(msg, **content)
+
+
+def _t(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------- gossip
+def handle_gossip(msg: Message, context: Context, train_local) -> Message:
+    """``phase=train``: train locally, reply the model (the relay forwards it to neighbours).
+    ``phase=mix``: mix with the neighbours' models ``peer-<j>`` using the Metropolis weights
+    ``w-<j>`` and masses ``mass-<j>`` the relay attached; malformed neighbour models are dropped
+    (their weight stays with this peer)."""
+    cfg = _config(msg)
+    phase = str(cfg.get("phase", "train"))
+    meta = _meta(context)
+    if phase == "train":
+        model = _model(msg, context)
+        local, metrics = _train(msg, context, train_local, model)
+        n = float(metrics.get("num-examples", 1.0))
+        _save_model(context, local)
+        meta["num-examples"], meta["mass"] = n, n
+        return _reply(msg, arrays=to_arrayrecord(local), metrics=MetricRecord(_numeric(metrics)))
+
+    own = as_numpy_dict(context.state[MODEL_KEY])
+    expected = layout(own)
+    self_weight = float(cfg.get("self-weight", 1.0))
+    neighbours, rejected = [], 0
+    for key in list(msg.content.array_records.keys()):
+        if not key.startswith("peer-"):
+            continue
+        j = key[len("peer-"):]
+        w = float(cfg.get(f"w-{j}", 0.0))
+        reason = invalid_reason(msg.content[key], expected)
+        mass = float(cfg.get(f"mass-{j}", 0.0))
+        if reason is None and not (np.isfinite(mass) and mass > 0):
+            reason = f"non-positive mass {mass}"
+        if reason is not None:
+            rejected += 1
+            self_weight += w
+            log.warning("peer %s: dropped gossip model from node %s: %s", context.node_id, j, reason)
+            continue
+        neighbours.append((flatten(msg.content[key]), mass, w))
+    x, mass = peer_lib.gossip_mix(flatten(own), float(meta.get("mass", 1.0)), self_weight, neighbours)
+    new = unflatten(x, own)
+    _save_model(context, new)
+    meta["mass"] = mass
+    return _reply(msg, arrays=to_arrayrecord(new), metrics=MetricRecord({"mass": mass, "rejected": rejected,
+                                                                           "num-examples": float(meta["num-examples"])}))
+
+
+# ---------------------------------------------------------------------- asynchronous gossip
+def handle_async(msg: Message, context: Context, train_local) -> Message:
+    """Merge the models received since the last wake-up (``in-<i>``; staleness-weighted by
+    ``version`` difference, weighted by examples), then (unless ``train`` is false) train."""
+    cfg = _config(msg)
+    meta = _meta(context)
+    model = _model(msg, context)
+    expected = layout(model)
+    version = int(meta.get("version", 0))
+    exponent = float(cfg.get("staleness-exponent", 0.5))
+    received, rejected = [], 0
+    for key in list(msg.content.array_records.keys()):
+        if not key.startswith("in-"):
+            continue
+        reason = invalid_reason(msg.content[key], expected)
+        n = float(cfg.get(f"{key}-n", 0.0))
+        if reason is None and not (np.isfinite(n) and n > 0):
+            reason = f"non-positive num-examples {n}"
+        if reason is not None:
+            rejected += 1
+            log.warning("peer %s: dropped async model from node %s: %s", context.node_id, cfg.get(f"{key}-from", "?"), reason)
+            continue
+        tau = max(0, version - int(cfg.get(f"{key}-version", version)))
+        received.append((flatten(msg.content[key]), n, tau))
+    if received:
+        model = unflatten(peer_lib.async_merge(flatten(model), float(meta.get("num-examples", 1.0)), received, exponent), model)
+    metrics: dict = {}
+    if bool(cfg.get("train", True)):
+        model, metrics = _train(msg, context, train_local, model)
+        meta["num-examples"] = float(metrics.get("num-examples", 1.0))
+        meta["version"] = version + 1
+    _save_model(context, model)
+    metrics = {**_numeric(metrics), "rejected": rejected, "merged": len(received), "version": int(meta["version"]),
+               "num-examples": float(meta["num-examples"])}
+    return _reply(msg, arrays=to_arrayrecord(model), metrics=MetricRecord(metrics))
+
+
+# ---------------------------------------------------------------------- registration
+def register(app, train_local) -> None:
+    """Add ``@app.train("ring")``, ``("gossip")`` and ``("async")`` to ``app``.
+
+    ``train_local(msg, context) -> (arrays, metrics)`` trains from ``msg.content["arrays"]``
+    and must report ``num-examples``.
+    """
+
+    @app.train("ring")
+    def _ring(msg: Message, context: Context) -> Message:
+        return handle_ring(msg, context, train_local)
+
+    @app.train("gossip")
+    def _gossip(msg: Message, context: Context) -> Message:
+        return handle_gossip(msg, context, train_local)
+
+    @app.train("async")
+    def _async(msg: Message, context: Context) -> Message:
+        return handle_async(msg, context, train_local)

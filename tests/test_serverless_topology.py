@@ -1,0 +1,86 @@
+"""Topology model: generators, bad files, ring orders, phase timing, FedAvg star latency."""
+
+import json
+
+import pytest
+
+from fedledger.strategies import topology as T
+
+
+def test_complete_and_geometric_are_connected_with_positive_links():
+    for topo in (T.complete(6), T.random_geometric(12, seed=3)):
+        assert len(topo) in (6, 12)
+        for u, v, d in topo.graph.edges(data=True):
+            assert d["bandwidth"] > 0 and d["latency"] >= 0
+
+
+def test_path_time_uses_fastest_path(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("0 1 0.01 1e6\n1 2 0.01 1e6\n0 2 1.0 1e6\n")
+    topo = T.load(str(f))
+    assert topo.path(0, 2) == [0, 1, 2]  # small message: latency wins
+    assert topo.path_time(0, 2, 0) == pytest.approx(0.02)
+    assert topo.path(0, 2, 1e6) == [0, 2]  # big message: one hop beats two store-and-forward hops
+    assert topo.path_time(0, 2, 1e6) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("0 1 0.01 1e6\n2 3 0.01 1e6\n", "not connected"),
+    ("0 1 0.01 1e6\n1 2 0.01 0\n", "link 1-2"),
+    ("0 1 0.01 1e6\n1 2 0.01 -5\n", "non-positive bandwidth"),
+])
+def test_bad_edge_list_names_the_problem(tmp_path, text, needle):
+    f = tmp_path / "bad.txt"
+    f.write_text(text)
+    with pytest.raises(T.TopologyError, match=needle):
+        T.load(str(f))
+
+
+def test_bad_json_unknown_node_names_the_edge(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"nodes": [{"id": 0}, {"id": 1}, {"id": 2}],
+                             "edges": [{"u": 0, "v": 1}, {"u": 1, "v": 2}, {"u": 2, "v": 7, "latency": 0.1, "bandwidth": 1e6}]}))
+    with pytest.raises(T.TopologyError, match="link 2-7 names unknown node 7"):
+        T.load(str(f))
+    f2 = tmp_path / "edges.txt"
+    f2.write_text("0 1\n1 5\n")
+    with pytest.raises(T.TopologyError, match="link 1-5"):
+        T.load(str(f2), num_nodes=3)
+    assert issubclass(T.TopologyError, ValueError)
+
+
+def test_build_rejects_unknown_spec():
+    with pytest.raises(T.TopologyError):
+        T.build("torus", 4)
+
+
+@pytest.mark.parametrize("n,seed", [(6, 0), (12, 1), (20, 2)])
+def test_tsp_ring_is_no_slower_than_naive_or_random(n, seed):
+    topo = T.random_geometric(n, seed=seed)
+    cost = {m: T.ring_cycle_latency(topo, T.ring_order(topo, m, seed=seed)) for m in ("tsp", "naive", "random")}
+    assert sorted(T.ring_order(topo, "tsp")) == topo.nodes
+    assert cost["tsp"] <= cost["naive"] + 1e-12
+    assert cost["tsp"] <= cost["random"] + 1e-12
+
+
+def test_phase_contention_makes_the_hub_the_bottleneck():
+    topo = T.complete(5, latency=0.0, bandwidth=1e6)
+    one = topo.phase([(1, 0, 1e6)])["seconds"]
+    four = topo.phase([(p, 0, 1e6) for p in range(1, 5)])["seconds"]
+    assert one == pytest.approx(1.0) and four == pytest.approx(4.0)  # server NIC shared by 4 uploads
+    ring = topo.phase([(i, (i + 1) % 5, 1e6) for i in range(5)])["seconds"]
+    assert ring == pytest.approx(1.0)
+
+
+def test_fedavg_star_vs_ring_round_on_same_network():
+    topo = T.complete(10, latency=0.02, bandwidth=12.5e6)
+    nbytes = 3.7e6
+    star = T.fedavg_round(topo, nbytes, server="centre")
+    ring = T.ring_round(topo, list(range(10)), nbytes)
+    # star: 9 downloads + 9 uploads through the server's NIC
+    assert star["network-seconds"] == pytest.approx(2 * (0.02 + 9 * nbytes / 12.5e6))
+    assert ring["network-seconds"] == pytest.approx(18 * (0.02 + nbytes / 10 / 12.5e6))
+    assert star["total-bytes"] == pytest.approx(18 * nbytes)
+    assert ring["total-bytes"] == pytest.approx(10 * 18 * nbytes / 10)
+    srv = T.fedavg_round(topo, nbytes, server=3)
+    assert srv["server"] == 3
