@@ -34,6 +34,7 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
     if not examples:
         raise ValueError("no training examples on this client")
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # LoRA dropout: same seed, same update
     device = _device(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -115,12 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-audit", action="store_true", help="skip the audit at the end of an audited run")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
-    try:
-        from .cli_chain import add_chain_commands
-    except ImportError:
-        pass
-    else:
-        add_chain_commands(sub)
+    from .cli_chain import add_chain_commands
+
+    add_chain_commands(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ from fedledger.strategies.kernels import as_numpy_dict, flatten, invalid_reason,
 log = logging.getLogger("fedledger")
 
 MODEL_KEY = "peer.model"
+START_KEY = "peer.start"  # the model this peer last started training from (trust deltas)
 VEC_KEY = "peer.vec"
 META_KEY = "peer.meta"
 
@@ -65,6 +66,31 @@ def _train(msg: Message, context: Context, train_local, model: dict[str, np.ndar
                            metadata=msg.metadata)
     arrays, metrics = train_local(shim, context)
     return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, dict(metrics)
+
+
+def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> set[str]:
+    """PageRank trust over the models this peer hears from (run-config ``trust="pagerank"``).
+
+    Deltas are taken from the model this peer last started training from; the peer's own
+    delta is the trust anchor (the "reference" of :func:`trust_scores`: a peer trusts its own
+    update). Returns the candidate keys whose normalised trust is below ``trust-threshold``;
+    their mixing weight stays with this peer. The ring cannot do this (a peer only ever sees
+    partial sums), so trust applies to ``gossip`` and ``async-gossip``.
+    """
+    rc = context.run_config
+    if str(rc.get("trust", "none")) != "pagerank" or not candidates or START_KEY not in context.state.array_records:
+        return set()
+    from fedledger.strategies.pagerank import pagerank_kwargs_from_config, trust_scores
+
+    kw = pagerank_kwargs_from_config(rc, with_ground_truth=False)
+    start = flatten(context.state[START_KEY])
+    own_delta = flatten(own) - start
+    keys = sorted(candidates)
+    deltas = [own_delta] + [candidates[k] - start for k in keys]
+    scores = trust_scores(deltas, reference=own_delta, damping=kw.get("damping", 0.85),
+                          norm_tol=kw.get("norm_tol", 3.0), history_weight=0.0)
+    threshold = kw.get("threshold", 0.5)
+    return {k for k, s in zip(keys, scores[1:]) if s < threshold}
 
 
 def _numeric(metrics: dict) -> dict:
@@ -141,6 +167,7 @@ def handle_gossip(msg: Message, context: Context, train_local) -> Message:
     meta = _meta(context)
     if phase == "train":
         model = _model(msg, context)
+        context.state[START_KEY] = to_arrayrecord(model)
         local, metrics = _train(msg, context, train_local, model)
         n = float(metrics.get("num-examples", 1.0))
         _save_model(context, local)
@@ -165,13 +192,20 @@ def handle_gossip(msg: Message, context: Context, train_local) -> Message:
             self_weight += w
             log.warning("peer %s: dropped gossip model from node %s: %s", context.node_id, j, reason)
             continue
-        neighbours.append((flatten(msg.content[key]), mass, w))
-    x, mass = peer_lib.gossip_mix(flatten(own), float(meta.get("mass", 1.0)), self_weight, neighbours)
+        neighbours.append((j, flatten(msg.content[key]), mass, w))
+    distrusted = _distrusted(context, own, {j: x for j, x, _, _ in neighbours})
+    for j, _, _, w in neighbours:
+        if j in distrusted:
+            self_weight += w
+            log.warning("node %s: distrusted the gossip model of peer %s (PageRank trust below threshold)", context.node_id, j)
+    kept = [(x, m, w) for j, x, m, w in neighbours if j not in distrusted]
+    x, mass = peer_lib.gossip_mix(flatten(own), float(meta.get("mass", 1.0)), self_weight, kept)
     new = unflatten(x, own)
     _save_model(context, new)
     meta["mass"] = mass
-    return _reply(msg, arrays=to_arrayrecord(new), metrics=MetricRecord({"mass": mass, "rejected": rejected,
-                                                                           "num-examples": float(meta["num-examples"])}))
+    return _reply(msg, arrays=to_arrayrecord(new), metrics=MetricRecord({
+        "mass": mass, "rejected": rejected, "num-examples": float(meta["num-examples"]),
+        "distrusted": len(distrusted), "distrusted-peers": sorted(int(j) for j in distrusted)}))
 
 
 # ---------------------------------------------------------------------- asynchronous gossip
@@ -197,17 +231,24 @@ def handle_async(msg: Message, context: Context, train_local) -> Message:
             log.warning("peer %s: dropped async model from node %s: %s", context.node_id, cfg.get(f"{key}-from", "?"), reason)
             continue
         tau = max(0, version - int(cfg.get(f"{key}-version", version)))
-        received.append((flatten(msg.content[key]), n, tau))
+        received.append((str(cfg.get(f"{key}-from", key)), flatten(msg.content[key]), n, tau))
+    distrusted = _distrusted(context, model, {src: x for src, x, _, _ in received})
+    if distrusted:
+        log.warning("node %s: distrusted the async models of peers %s (PageRank trust below threshold)",
+                    context.node_id, sorted(distrusted))
+    received = [(x, n, tau) for src, x, n, tau in received if src not in distrusted]
     if received:
         model = unflatten(peer_lib.async_merge(flatten(model), float(meta.get("num-examples", 1.0)), received, exponent), model)
     metrics: dict = {}
     if bool(cfg.get("train", True)):
+        context.state[START_KEY] = to_arrayrecord(model)
         model, metrics = _train(msg, context, train_local, model)
         meta["num-examples"] = float(metrics.get("num-examples", 1.0))
         meta["version"] = version + 1
     _save_model(context, model)
     metrics = {**_numeric(metrics), "rejected": rejected, "merged": len(received), "version": int(meta["version"]),
-               "num-examples": float(meta["num-examples"])}
+               "num-examples": float(meta["num-examples"]), "distrusted": len(distrusted),
+               "distrusted-peers": sorted(int(src) for src in distrusted if src.lstrip("-").isdigit())}
     return _reply(msg, arrays=to_arrayrecord(model), metrics=MetricRecord(metrics))
 
 

@@ -33,7 +33,9 @@ def _common(settings: Settings, num_nodes: int) -> dict:
 def build_inner(settings: Settings, num_nodes: int) -> Strategy:
     """One of Flower's strategies (or PageRankTrust) configured from run-config."""
     kw = _common(settings, num_nodes)
-    f = int(settings.get("num-malicious", max(len(settings.malicious_ids()), 0)))
+    f = int(settings.get("num-malicious", -1))
+    if f < 0:
+        f = len(settings.malicious_ids())
     name = settings.strategy
     if name == "fedavg":
         return FedAvg(**kw)
@@ -62,10 +64,13 @@ def build_inner(settings: Settings, num_nodes: int) -> Strategy:
 
 
 def _pagerank_kwargs(settings: Settings) -> dict:
-    out = {}
-    if "trust-threshold" in settings.extra:
-        out["threshold"] = float(settings.get("trust-threshold"))
-    return out
+    """``trust-*`` run-config keys (and ``malicious`` as detection ground truth) -> PageRankTrust."""
+    from fedledger.strategies.pagerank import pagerank_kwargs_from_config
+
+    try:
+        return pagerank_kwargs_from_config(settings.to_dict())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_strategy(settings: Settings, num_nodes: int, reference_fn=None, audit=None) -> Strategy:

@@ -11,11 +11,17 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 TOKENIZERS_PARALLELISM=false
 target=${1:-default}
 case "$target" in
-  default)    exec python -m pytest -q ;;
-  slow)       exec python -m pytest -q -m slow ;;
-  deployment) exec python -m pytest -q -m deployment ;;
-  gpu)        exec python -m pytest -q -m gpu -rs ;;
-  all)        exec python -m pytest -q -m "" ;;
+  default)    args=(-q -rs) ;;
+  slow)       args=(-q -rs -m slow) ;;
+  deployment) args=(-q -rs -m deployment) ;;
+  gpu)        args=(-q -rs -m gpu) ;;
+  all)        args=(-q -rs -m "") ;;
   --)         shift; exec python -m pytest "$@" ;;
   *) echo "usage: scripts/test.sh [default|slow|deployment|gpu|all|-- pytest-args]" >&2; exit 2 ;;
 esac
+rc=0
+python -m pytest "${args[@]}" || rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "scripts/test.sh: no test is marked '$target': that target is misconfigured" >&2
+fi
+exit "$rc"

@@ -254,6 +254,8 @@ class AsyncGossip(RelayStrategy):
         init_handle = {"arrays": initial_arrays, "n": 1.0}
         started: set[int] = set()
         metrics_by_round: dict[int, list] = defaultdict(list)
+        votes: dict[int, dict] = defaultdict(lambda: defaultdict(int))  # round -> peer -> distrust votes
+        heard: dict[int, dict] = defaultdict(lambda: defaultdict(int))
         wall = {"t": time.perf_counter(), "relay": 0, "msgs": 0, "bytes": 0.0, "link": {}, "sent": {}, "recv": {}}
 
         def start_fn(p, items, train):
@@ -279,6 +281,13 @@ class AsyncGossip(RelayStrategy):
                 return None
             started.add(p)
             m = r.content["metrics"]
+            self.learn_partitions({p: r})
+            rnd = eng.version[p] + 1
+            for it in items:
+                if it["handle"] is not None:
+                    heard[rnd][int(it["from"])] += 1
+            for q in m.get("distrusted-peers", []):
+                votes[rnd][int(q)] += 1
             if train:
                 metrics_by_round[eng.version[p] + 1].append({k: float(v) for k, v in m.items() if isinstance(v, (int, float))})
             return {"arrays": r.content["arrays"], "n": float(m.get("num-examples", 1.0))}
@@ -287,7 +296,9 @@ class AsyncGossip(RelayStrategy):
 
         def snapshot_fn(r, t):
             live = sorted(eng.alive)
-            handles = {p: eng.completed[p] or init_handle for p in live}
+            distrust, excluded = self.record_distrust(r, votes.get(r, {}), heard.get(r, {}), live)
+            handles = {p: eng.completed[p] or init_handle for p in live if p not in excluded}
+            handles = handles or {p: eng.completed[p] or init_handle for p in live}
             arrays = self.weighted_mean({p: flatten(h["arrays"]) for p, h in handles.items()},
                                         {p: h["n"] for p, h in handles.items()})
             sent = dict(eng.peer_sent)
@@ -303,6 +314,7 @@ class AsyncGossip(RelayStrategy):
                      "wall-seconds": time.perf_counter() - wall["t"], "adapter-bytes": nbytes,
                      "dissemination-seconds": eng.dissemination_time}
             entry["sim-network-seconds"] = entry["sim-round-seconds"]  # no barrier: compute and exchange overlap
+            entry.update(distrust)
             prev["time"] = t
             wall.update(t=time.perf_counter(), relay=self._relay_bytes, msgs=self._messages, bytes=total,
                         link=dict(eng.link_bytes), sent=sent)

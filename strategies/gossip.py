@@ -20,6 +20,7 @@ update (None until then). A peer that does not reply is left out (its neighbours
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -57,6 +58,7 @@ class Gossip(RelayStrategy):
                 c["arrays"] = self._last if self._last is not None else initial_arrays
             contents[p] = c
         replies = self.send(grid, contents, server_round, timeout)
+        self.learn_partitions(replies)
         metrics = self.mean_metrics(replies)
         records = {p: r.content["arrays"] for p, r in replies.items() if "arrays" in r.content.array_records}
         n_ex = {p: float(replies[p].content["metrics"].get("num-examples", 1.0)) for p in records}
@@ -72,6 +74,7 @@ class Gossip(RelayStrategy):
         nbytes = array_nbytes(initial_arrays)
         consensus = [consensus_distance(np.stack([flat[p] for p in alive]), true_avg)]
         phases, exchanges = [], []
+        votes, heard = defaultdict(int), defaultdict(int)
         dropped = sorted(set(contents) - set(alive))
         for step in range(self.steps):
             pairs = topo_lib.gossip_pairs(self.topology, self.k, self.rng, nodes=alive)
@@ -104,6 +107,12 @@ class Gossip(RelayStrategy):
                 self._synced -= set(gone)
                 if not alive:
                     return None, metrics, {"participants": [], "dropped": dropped}
+            for i, j in pairs:
+                heard[i] += 1
+                heard[j] += 1
+            for p in alive:
+                for q in replies[p].content["metrics"].get("distrusted-peers", []):
+                    votes[int(q)] += 1
             for p in alive:
                 records[p] = replies[p].content["arrays"]
                 flat[p] = flatten(records[p])
@@ -113,10 +122,13 @@ class Gossip(RelayStrategy):
         self._clock += acc["round-seconds"]
         if self.dissemination_seconds is None and all(self._info.get(p, set()) >= set(alive) for p in alive):
             self.dissemination_seconds = self._clock
-        arrays = self.weighted_mean({p: flat[p] for p in alive}, {p: mass[p] for p in alive})  # mass-weighted: conserved
+        distrust, excluded = self.record_distrust(server_round, votes, heard, alive)
+        shown = [p for p in alive if p not in excluded] or alive  # what the trusted peers hold
+        arrays = self.weighted_mean({p: flat[p] for p in shown}, {p: mass[p] for p in shown})  # mass-weighted: conserved
         self._last = arrays
         entry = {"participants": alive, "dropped": sorted(set(dropped)), "k": self.k, "exchanges": exchanges,
                  "consensus": consensus, "consensus-max": consensus[-1]["consensus-max"],
                  "consensus-mean": consensus[-1]["consensus-mean"], "adapter-bytes": nbytes,
-                 "sim-time": self._clock, "dissemination-seconds": self.dissemination_seconds, **self.accounting(acc)}
+                 "sim-time": self._clock, "dissemination-seconds": self.dissemination_seconds, **self.accounting(acc),
+                 **distrust}
         return arrays, metrics, entry

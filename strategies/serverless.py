@@ -64,6 +64,9 @@ class RelayStrategy(Strategy):
         self._relay_bytes = 0
         self._messages = 0
         self._layout_like: dict | None = None
+        self.malicious: list[int] | None = None  # ground truth (partition ids), for `detection` only
+        self.detection: dict[int, dict] = {}
+        self.pid_of: dict[int, int] = {}  # peer index -> partition id (from train metrics)
 
     # -- Strategy's abstract API (the round loop is start() itself) ---------------------
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -170,6 +173,29 @@ class RelayStrategy(Strategy):
                   timeout: float) -> tuple[ArrayRecord | None, dict, dict]:
         raise NotImplementedError
 
+    # -- peer-side trust (run-config trust="pagerank") ----------------------------------
+    def learn_partitions(self, replies: dict[int, Message]) -> None:
+        for p, r in replies.items():
+            m = r.content.metric_records.get("metrics")
+            if m is not None and "partition-id" in m:
+                self.pid_of[p] = int(m["partition-id"])
+
+    def record_distrust(self, server_round: int, votes: dict[int, int], heard: dict[int, int],
+                        participants: Iterable[int]) -> tuple[dict, set[int]]:
+        """Peers report whom they distrusted; a peer distrusted by more than half of the peers
+        that received its model this round counts as excluded (``detection`` vs ground truth)
+        and is left out of the evaluation mean. Returns (history fields, excluded peers)."""
+        flagged = [p for p, v in votes.items() if 2 * v > heard.get(p, 0)]
+        pid = lambda p: self.pid_of.get(p, p)  # noqa: E731
+        out = {"distrusted-votes": {str(pid(p)): int(v) for p, v in sorted(votes.items()) if v},
+               "distrusted": sorted(pid(p) for p in flagged)}
+        if self.malicious is not None:
+            from .detection import detection_metrics
+
+            self.detection[server_round] = detection_metrics(out["distrusted"], self.malicious,
+                                                             [pid(p) for p in participants])
+        return out, set(flagged)
+
     # -- shared reporting ------------------------------------------------------------
     @staticmethod
     def mean_metrics(replies: dict[int, Message]) -> dict:
@@ -250,6 +276,14 @@ def _cfg(run_config: dict, key: str, default):
 def build_serverless_strategy(name: str, run_config: dict, num_nodes: int) -> Strategy:
     """``ring`` | ``gossip`` | ``async-gossip`` configured from run-config (see module docstring)."""
     run_config = dict(run_config)
+    malicious = [int(x) for x in str(run_config.get("malicious", "")).replace(" ", "").split(",") if x != ""]
+    strategy = _build(name, run_config)
+    if malicious and str(run_config.get("trust", "none")) == "pagerank":
+        strategy.malicious = malicious
+    return strategy
+
+
+def _build(name: str, run_config: dict) -> Strategy:
     common = dict(
         topology=str(run_config.get("topology", "complete")),
         local_steps=_cfg(run_config, "local-steps", 1),
