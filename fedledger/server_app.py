@@ -76,14 +76,22 @@ def _jsonable(record) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedledger.chain.ledger import LedgerError
+    from fedledger.strategies.topology import TopologyError
+
     try:
-        settings = Settings.from_run_config(context.run_config)
-        task = get_task(settings, 1)  # the server needs the held-out and root splits only
-    except (ConfigError, ModelError, DataError) as exc:  # bad input: one line, no traceback wall
+        run(grid, context)
+    except (ConfigError, ModelError, DataError, TopologyError, LedgerError) as exc:  # bad input: one line
         # Logged as one line; re-raised so that Flower records the run as failed (SystemExit
-        # would be recorded as "completed").
+        # would be recorded as "completed"). What the ledger already recorded stays recorded.
         log.error("fedledger: error: %s", exc)
         raise RuntimeError(f"fedledger: error: {exc}") from None
+
+
+def run(grid: Grid, context: Context) -> None:
+    """The ServerApp's job: build the strategy stack from run-config, run it, write the run folder."""
+    settings = Settings.from_run_config(context.run_config)
+    task = get_task(settings, 1)  # the server needs the held-out and root splits only
     folder = run_folder(settings, context.run_id)
     log.info("fedledger: run folder %s", folder)
     num_nodes = len(list(grid.get_node_ids())) or int(settings.get("num-supernodes", 2))
