@@ -16,6 +16,7 @@ The wrapper delegates ``configure_train``/``aggregate_train``/``configure_evalua
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterable
 
@@ -147,9 +148,12 @@ class OnChainAudit(Strategy):
             agg = _numpy_dict(arrays)
             agg_hash = update_hash(agg)
             self.store.save_aggregate(server_round, agg)
-        self.store.write_round(server_round, {
-            "round": server_round, "run-id": self.run_id, "clients": accepted, "refused": refused,
-            "aggregate-hash": agg_hash, "strategy": type(self.strategy).__name__})
+        record = {"round": server_round, "run-id": self.run_id, "clients": accepted, "refused": refused,
+                  "aggregate-hash": agg_hash, "strategy": type(self.strategy).__name__}
+        trust = (getattr(self.strategy, "trust_history", None) or {}).get(server_round)
+        if trust is not None:  # a trust wrapper inside (PageRankTrust): keep its scores with the round
+            record["trust"] = json.loads(json.dumps(trust, default=float))
+        self.store.write_round(server_round, record)
         self.ledger.commit_aggregate(self.run_id, server_round, agg_hash)
         return arrays, metrics
 

@@ -1,7 +1,8 @@
 """Slow end-to-end runs through the real `flwr run` (Ray simulation), as a user runs them:
 the main job with the ledger on a real anvil and the audit at the end, a tampered artifact named
 by the audit, gossip with peer-side PageRank trust against an attacker, and server-side
-PageRank trust around Flower's Krum."""
+PageRank trust around Flower's Krum
+(audited: the trust scores are kept with each round's ledger record)."""
 
 from __future__ import annotations
 
@@ -62,14 +63,18 @@ def test_gossip_with_peer_side_pagerank_trust_through_flwr_run(tmp_path):
 
 def test_pagerank_trust_around_flower_krum_through_flwr_run(tmp_path):
     run_dir = tmp_path / "runs"
-    extra = "strategy='krum' trust='pagerank' attack='noise' malicious='2'"
+    extra = "strategy='krum' trust='pagerank' attack='noise' malicious='2' audit='eth-tester'"
     outcome = run_simulation(ROOT, _tiny_config(run_dir, extra), "num-supernodes=4 client-resources-num-cpus=1",
                              flwr_home=str(tmp_path / "flwr"), timeout=900, echo=False)
     assert outcome.ok, outcome.log[-3000:]
-    _, m = _metrics(run_dir)
+    folder, m = _metrics(run_dir)
     assert m["malicious"] == [2]
     for r in ("1", "2"):
         det = m["rounds"][r]["detection"]
         assert det["excluded"] == [2] and det["f1"] == 1.0, det
         trust = m["rounds"][r]["trust-history"]["trust"]
         assert trust["2"] < min(v for k, v in trust.items() if k != "2")
+        with open(os.path.join(folder, "audit", f"round-000{r}", "round.json")) as fh:
+            recorded = json.load(fh)
+        assert recorded["trust"]["trust"] == trust and recorded["trust"]["excluded"] == [2]
+        assert len(recorded["clients"]) == 4  # the attacker's update is on the ledger too
