@@ -154,5 +154,6 @@ def _find_attr(strategy, name: str):
         value = s.__dict__.get(name) if hasattr(s, "__dict__") else None
         if value:
             return value
-        s = s.__dict__.get("inner") if hasattr(s, "__dict__") else None
+        d = s.__dict__ if hasattr(s, "__dict__") else {}
+        s = d.get("inner") or d.get("strategy")  # StrategyWrapper.inner, OnChainAudit.strategy
     return None
