@@ -34,6 +34,10 @@ contract UpdateRegistry {
         uint256 indexed runId, uint256 indexed round, bytes32 aggregateHash, uint256 numRecords, bytes32 recordsDigest
     );
 
+    /// The hash of the round's trust scores (a trust wrapper's per-client scores, stored off
+    /// chain as canonical JSON), committed with the aggregate.
+    event TrustCommitted(uint256 indexed runId, uint256 indexed round, bytes32 trustHash);
+
     error NotOwner();
     error RoundOutOfOrder(uint256 expected, uint256 got);
     error RoundNotOpen(uint256 round);
@@ -104,6 +108,20 @@ contract UpdateRegistry {
 
     /// Commit the aggregate of the current round; closes it for records.
     function commitAggregate(uint256 runId, uint256 round, bytes32 aggregateHash) external onlyOwner {
+        _commit(runId, round, aggregateHash);
+    }
+
+    /// Commit the aggregate and the hash of the round's trust scores in one transaction.
+    function commitAggregateWithTrust(uint256 runId, uint256 round, bytes32 aggregateHash, bytes32 trustHash)
+        external
+        onlyOwner
+    {
+        if (trustHash == bytes32(0)) revert ZeroHash();
+        _commit(runId, round, aggregateHash);
+        emit TrustCommitted(runId, round, trustHash);
+    }
+
+    function _commit(uint256 runId, uint256 round, bytes32 aggregateHash) private {
         if (round != currentRound[runId]) revert RoundOutOfOrder(currentRound[runId], round);
         Round storage r = rounds[runId][round];
         if (!r.open) revert RoundNotOpen(round);

@@ -10,6 +10,10 @@ For every round recorded on chain, and every client record in it:
                     (run id, round, update hash);
 - ``OK``            otherwise.
 
+When the run used a trust wrapper (PageRankTrust), the round's trust scores stored in
+``round.json`` are re-hashed (canonical JSON) and compared with the hash committed on chain
+(row ``trust``).
+
 The records digest the contract committed with each aggregate is recomputed from the events, so
 a dropped or reordered event is caught too. For FedAvg-family strategies whose aggregate is the
 weighted mean by num-examples (``FedAvg``, ``FedProx``), the aggregate is recomputed from the stored
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .hashing import update_hash
+from .hashing import json_hash, update_hash
 from .ledger import Ledger, LedgerError, records_digest
 from .signing import recover_signer
 from .store import ArtifactStore
@@ -40,7 +44,7 @@ ZERO_HASH = "0x" + "00" * 32
 @dataclass
 class Row:
     round: int
-    client: str          # address, or "aggregate"
+    client: str          # address, "aggregate", or "trust" (the round's trust scores)
     status: str          # OK | MISMATCH | MISSING | BAD-SIGNATURE
     detail: str = ""
 
@@ -65,7 +69,7 @@ class AuditReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "run-id": self.run_id, "registry-address": self.registry, "chain-id": self.chain_id,
                 "source": self.source, "seconds": round(self.seconds, 3),
-                "records": sum(1 for r in self.rows if r.client != "aggregate"),
+                "records": sum(1 for r in self.rows if r.client not in ("aggregate", "trust")),
                 "problems": len(self.problems), "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
@@ -109,13 +113,15 @@ def audit_events(events: list[dict], store: ArtifactStore, run_id: int, strategy
     for e in events:
         if e.get("run-id") != run_id:
             continue
-        r = rounds.setdefault(e["round"], {"opened": False, "updates": [], "aggregate": None})
+        r = rounds.setdefault(e["round"], {"opened": False, "updates": [], "aggregate": None, "trust": None})
         if e["event"] == "RoundOpened":
             r["opened"] = True
         elif e["event"] == "UpdateRecorded":
             r["updates"].append(e)
         elif e["event"] == "AggregateCommitted":
             r["aggregate"] = e
+        elif e["event"] == "TrustCommitted":
+            r["trust"] = e
     for rnd in sorted(rounds):
         r = rounds[rnd]
         updates = sorted(r["updates"], key=lambda e: e["index"])
@@ -147,6 +153,9 @@ def audit_events(events: list[dict], store: ArtifactStore, run_id: int, strategy
             for c in manifest.get("clients", []):
                 if c["client"].lower() not in on_chain:
                     rows.append(Row(rnd, c["client"], "MISSING", "listed in round.json but not recorded on chain"))
+        trust_row = _trust_row(rnd, r["trust"], manifest)
+        if trust_row is not None:
+            rows.append(trust_row)
         agg = r["aggregate"]
         if agg is None:
             rows.append(Row(rnd, "aggregate", "MISSING", "round opened on chain but no aggregate committed"))
@@ -183,6 +192,20 @@ def audit_events(events: list[dict], store: ArtifactStore, run_id: int, strategy
                     continue
         rows.append(Row(rnd, "aggregate", "OK", detail))
     return rows
+
+
+def _trust_row(rnd: int, event: dict | None, manifest: dict | None) -> Row | None:
+    """The round's trust scores (round.json) against the hash committed on chain, if any."""
+    stored = (manifest or {}).get("trust")
+    if event is None:
+        return None if stored is None else Row(rnd, "trust", "MISSING", "trust scores in round.json but none on chain")
+    if stored is None:
+        return Row(rnd, "trust", "MISSING", "trust hash on chain but no trust scores in round.json")
+    h = json_hash(stored)
+    if h != event["trust-hash"]:
+        return Row(rnd, "trust", "MISMATCH", f"stored trust scores hash to {h[:12]}..., chain has {event['trust-hash'][:12]}...")
+    excluded = stored.get("excluded", []) if isinstance(stored, dict) else []
+    return Row(rnd, "trust", "OK", f"trust scores match; excluded {excluded}")
 
 
 def audit_run(run_folder: str, rpc_url: str | None = None, registry_address: str | None = None,

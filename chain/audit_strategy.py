@@ -7,7 +7,9 @@ with a logged reason, a reply whose claimed hash differs, whose signature does n
 claimed signer, that carries no audit record, or whose signer already answered in this round.
 It then sends O(1) transactions: ``openRound``, one ``recordUpdates`` batch (client address,
 update hash, num-examples, signature, in the order the inner strategy receives them) and, after
-the inner strategy aggregated the accepted replies, ``commitAggregate``.
+the inner strategy aggregated the accepted replies, ``commitAggregate`` (``commitAggregateWithTrust``
+when the wrapped stack holds a trust wrapper: the round's trust scores are kept in ``round.json``
+and their canonical-JSON SHA-256 goes on chain with the aggregate).
 
 The wrapper delegates ``configure_train``/``aggregate_train``/``configure_evaluate``/
 ``aggregate_evaluate``/``summary`` to the wrapped strategy and everything else through
@@ -24,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .hashing import HASH_FORMAT, update_hash
+from .hashing import HASH_FORMAT, json_hash, update_hash
 from .ledger import Ledger, LedgerError, UpdateEntry
 from .signing import recover_signer
 from .store import ArtifactStore
@@ -151,10 +153,12 @@ class OnChainAudit(Strategy):
         record = {"round": server_round, "run-id": self.run_id, "clients": accepted, "refused": refused,
                   "aggregate-hash": agg_hash, "strategy": type(self.strategy).__name__}
         trust = (getattr(self.strategy, "trust_history", None) or {}).get(server_round)
-        if trust is not None:  # a trust wrapper inside (PageRankTrust): keep its scores with the round
+        trust_hash = None
+        if trust is not None:  # a trust wrapper inside (PageRankTrust): its scores go on the ledger too
             record["trust"] = json.loads(json.dumps(trust, default=float))
+            trust_hash = json_hash(record["trust"])
         self.store.write_round(server_round, record)
-        self.ledger.commit_aggregate(self.run_id, server_round, agg_hash)
+        self.ledger.commit_aggregate(self.run_id, server_round, agg_hash, trust_hash=trust_hash)
         return arrays, metrics
 
 

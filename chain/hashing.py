@@ -115,6 +115,13 @@ def update_hash(arrays: Mapping[str, Any]) -> str:
     return "0x" + update_hash_bytes(arrays).hex()
 
 
+def json_hash(obj: Any) -> str:
+    """``"0x"`` + SHA-256 of ``obj`` as canonical JSON (keys sorted, no whitespace, ASCII): used
+    for records that are not tensors, e.g. a round's trust scores."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "0x" + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def to_bytes32(value: str | bytes) -> bytes:
     """A hash given as ``0x``-hex or 32 raw bytes -> 32 raw bytes."""
     if isinstance(value, (bytes, bytearray)):

@@ -279,9 +279,14 @@ class Ledger:
         if entries:
             self._idempotent(f"record {len(entries)} updates of round {server_round}", pending, send)
 
-    def commit_aggregate(self, run_id: int, server_round: int, aggregate_hash: str) -> None:
+    def commit_aggregate(self, run_id: int, server_round: int, aggregate_hash: str, trust_hash: str | None = None) -> None:
+        """Close the round with its aggregate hash (and, when given, the hash of its trust scores)."""
         f = self.contract.functions
         want = to_bytes32(aggregate_hash)
+        if trust_hash is not None:
+            commit = f.commitAggregateWithTrust(int(run_id), int(server_round), want, to_bytes32(trust_hash))
+        else:
+            commit = f.commitAggregate(int(run_id), int(server_round), want)
 
         def pending():
             _, _, committed, agg, _ = f.getRound(int(run_id), int(server_round)).call()
@@ -290,7 +295,7 @@ class Ledger:
             return not committed
 
         self._idempotent(f"commit aggregate of round {server_round}", pending,
-                         lambda _: self._send(f.commitAggregate(int(run_id), int(server_round), want), "commitAggregate"))
+                         lambda _: self._send(commit, "commitAggregate"))
 
     # ------------------------------------------------------------------ reads
     def get_round(self, run_id: int, server_round: int) -> dict:
@@ -303,7 +308,7 @@ class Ledger:
         return None if h == b"\0" * 32 else to_hex(h)
 
     def events(self, run_id: int | None = None, client: str | None = None, from_block: int | None = None) -> list[dict]:
-        """Decoded registry events (RoundOpened, UpdateRecorded, AggregateCommitted), chain order.
+        """Decoded registry events (RoundOpened, UpdateRecorded, AggregateCommitted, TrustCommitted), chain order.
 
         One ``eth_getLogs`` call (topics filter by run id and client), decoded with eth-abi
         directly: about 10x faster than web3's per-event decoding for large histories."""
@@ -330,7 +335,7 @@ class Ledger:
     def _decode_receipt(self, receipt) -> list[dict]:
         out = []
         for kind in (self.contract.events.RoundOpened, self.contract.events.UpdateRecorded,
-                     self.contract.events.AggregateCommitted):
+                     self.contract.events.AggregateCommitted, self.contract.events.TrustCommitted):
             import warnings
 
             with warnings.catch_warnings():
@@ -345,6 +350,7 @@ _EVENT_SIGS = {
     "RoundOpened": "RoundOpened(uint256,uint256)",
     "UpdateRecorded": "UpdateRecorded(uint256,uint256,address,uint256,bytes32,uint64,bytes)",
     "AggregateCommitted": "AggregateCommitted(uint256,uint256,bytes32,uint256,bytes32)",
+    "TrustCommitted": "TrustCommitted(uint256,uint256,bytes32)",
 }
 
 
@@ -371,6 +377,9 @@ def _decode_raw_log(log, topic0: dict) -> dict | None:
     elif name == "AggregateCommitted":
         h, n, digest = decode(["bytes32", "uint256", "bytes32"], data)
         d.update({"aggregate-hash": to_hex(h), "num-records": int(n), "records-digest": to_hex(digest)})
+    elif name == "TrustCommitted":
+        (h,) = decode(["bytes32"], data)
+        d["trust-hash"] = to_hex(h)
     return d
 
 
@@ -402,6 +411,8 @@ def _event_dict(log) -> dict:
     elif log["event"] == "AggregateCommitted":
         d.update({"aggregate-hash": to_hex(a["aggregateHash"]), "num-records": int(a["numRecords"]),
                   "records-digest": to_hex(a["recordsDigest"])})
+    elif log["event"] == "TrustCommitted":
+        d["trust-hash"] = to_hex(a["trustHash"])
     return d
 
 

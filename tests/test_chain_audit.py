@@ -198,3 +198,35 @@ def test_cli_audit_table_json_and_exit_codes(audited_run, capsys):
     assert len(err) == 1 and err[0].startswith("fedledger: error: no audit record")
     shutil.rmtree(folder / "audit")
     assert cli(["audit", str(folder)]) == 2
+
+
+def test_trust_scores_go_on_chain_and_a_tampered_score_is_named(tmp_path):
+    """A trust wrapper inside OnChainAudit: its per-round scores are kept in round.json and their
+    hash is committed with the aggregate; editing a stored score makes the audit say MISMATCH."""
+    from flwr.serverapp.strategy import FedAvg
+
+    class ScoredFedAvg(FedAvg):  # stands in for PageRankTrust: exposes trust_history per round
+        trust_history: dict = {}
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            self.trust_history[server_round] = {"trust": {str(i): 1.0 + 0.1 * i for i in range(len(replies))},
+                                                "excluded": [0]}
+            return super().aggregate_train(server_round, replies)
+
+    wrap, info = build_audit("eth-tester", "", "", str(tmp_path), RUN)
+    strategy = wrap(ScoredFedAvg())
+    run_rounds(strategy)
+    assert info()["transactions"] == 1 + 3 * 2  # still O(1) per round: trust rides on the commit
+    report = audit_run(str(tmp_path))
+    assert report.ok, report.table()
+    assert [(r.round, r.status) for r in report.rows if r.client == "trust"] == [(1, "OK"), (2, "OK")]
+
+    path = os.path.join(str(tmp_path), "audit", "round-0002", "round.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    manifest["trust"]["excluded"] = []
+    with open(path, "w") as fh:
+        json.dump(manifest, fh)
+    report = audit_run(str(tmp_path))
+    assert [(r.round, r.client, r.status) for r in report.problems] == [(2, "trust", "MISMATCH")]

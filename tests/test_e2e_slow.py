@@ -78,3 +78,8 @@ def test_pagerank_trust_around_flower_krum_through_flwr_run(tmp_path):
             recorded = json.load(fh)
         assert recorded["trust"]["trust"] == trust and recorded["trust"]["excluded"] == [2]
         assert len(recorded["clients"]) == 4  # the attacker's update is on the ledger too
+    from fedledger.chain.audit import audit_run
+
+    report = audit_run(folder)  # eth-tester: the events the run exported
+    assert report.ok, report.table()
+    assert [r.status for r in report.rows if r.client == "trust"] == ["OK", "OK"]
