@@ -66,3 +66,21 @@ def test_deployment_superlink_and_two_supernodes(tmp_path):
     assert m["num-nodes"] == 2
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.deployment
+def test_serverless_ring_runs_unchanged_in_deployment(tmp_path):
+    """The serverless exchange is the same code in deployment: the ServerApp relays ring chunks
+    between two real SuperNodes, which merge them in their ClientApp state."""
+    from fedledger.deployment import LocalDeployment
+
+    run_dir = tmp_path / "runs"
+    with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2) as dep:
+        outcome = run_simulation(ROOT, _tiny_config(run_dir, "strategy='ring'"), flwr_home=dep.flwr_home,
+                                 superlink="deploy", timeout=600, echo=False)
+        assert outcome.ok, outcome.log[-3000:] + open(os.path.join(dep.workdir, "supernode-0.log")).read()[-2000:]
+    _, m = _metrics(run_dir)
+    for r in ("1", "2"):
+        ex = m["rounds"][r]["exchange"]
+        assert ex["strategy"] == "ring" and ex["participants"] == [0, 1] and ex["relay-bytes"] > 0
+    assert m["rounds"]["2"]["central"]["eval-loss"] < m["rounds"]["0"]["central"]["eval-loss"]
