@@ -28,8 +28,10 @@ case "$(uname -s)-$(uname -m)" in
 esac
 mkdir -p "$TOOLS"
 [ -f "$TOOLS/package.json" ] || echo '{"name": "fedledger-tools", "private": true}' > "$TOOLS/package.json"
-# one npm call for both, so neither prunes the other
-npm install --prefix "$TOOLS" --no-save --ignore-scripts --no-audit --no-fund "$anvil_pkg" "solc@$SOLC_VERSION" >/dev/null
+# one npm call for both, so neither prunes the other. Run inside $TOOLS rather than with
+# --prefix: --prefix also moves npm's global config ($PREFIX/etc/npmrc), which is where a
+# machine's CA bundle (cafile) for a TLS-intercepting proxy is usually configured.
+(cd "$TOOLS" && npm install --no-save --ignore-scripts --no-audit --no-fund "$anvil_pkg" "solc@$SOLC_VERSION" >/dev/null)
 found=$(ls "$TOOLS"/node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -1)
 [ -n "$found" ] && chmod +x "$found"
 "$found" --version | head -1
