@@ -284,6 +284,7 @@ class Ledger:
         f = self.contract.functions
         want = to_bytes32(aggregate_hash)
         if trust_hash is not None:
+            self._require_function("commitAggregateWithTrust(uint256,uint256,bytes32,bytes32)")
             commit = f.commitAggregateWithTrust(int(run_id), int(server_round), want, to_bytes32(trust_hash))
         else:
             commit = f.commitAggregate(int(run_id), int(server_round), want)
@@ -298,6 +299,18 @@ class Ledger:
                          lambda _: self._send(commit, "commitAggregate"))
 
     # ------------------------------------------------------------------ reads
+    def _require_function(self, signature: str) -> None:
+        """A registry deployed from an older artifact may lack ``signature``: say so, instead of
+        letting the transaction revert with a misleading reason."""
+        checked = self.__dict__.setdefault("_has_function", {})
+        if signature not in checked:
+            from eth_utils import keccak
+
+            checked[signature] = keccak(text=signature)[:4] in bytes(self.w3.eth.get_code(self.address))
+        if not checked[signature]:
+            raise LedgerError(f"the registry at {self.address} predates `{signature.split('(')[0]}` (deployed from an "
+                              f"older UpdateRegistry); leave registry-address empty to deploy a current one")
+
     def get_round(self, run_id: int, server_round: int) -> dict:
         count, is_open, committed, agg, digest = self.contract.functions.getRound(int(run_id), int(server_round)).call()
         return {"count": int(count), "open": bool(is_open), "committed": bool(committed),

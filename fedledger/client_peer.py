@@ -29,6 +29,7 @@ log = logging.getLogger("fedledger")
 
 MODEL_KEY = "peer.model"
 START_KEY = "peer.start"  # the model this peer last started training from (trust deltas)
+OPPOSED_COSINE = -0.1     # peer-side trust: a neighbour's update this opposed to our own is not merged
 VEC_KEY = "peer.vec"
 META_KEY = "peer.meta"
 
@@ -68,29 +69,39 @@ def _train(msg: Message, context: Context, train_local, model: dict[str, np.ndar
     return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, dict(metrics)
 
 
+def _trust_on(context: Context) -> bool:
+    return str(context.run_config.get("trust", "none")) == "pagerank"
+
+
 def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> set[str]:
     """PageRank trust over the models this peer hears from (run-config ``trust="pagerank"``).
 
-    Deltas are taken from the model this peer last started training from; the peer's own
-    delta is the trust anchor (the "reference" of :func:`trust_scores`: a peer trusts its own
-    update). Returns the candidate keys whose normalised trust is below ``trust-threshold``;
-    their mixing weight stays with this peer. The ring cannot do this (a peer only ever sees
-    partial sums), so trust applies to ``gossip`` and ``async-gossip``.
+    Deltas are taken from the model this peer last started training from. Only the candidates
+    are scored; this peer's own delta is the reference node that personalises PageRank (a peer
+    trusts its own update), as the server's root-split update does in :class:`PageRankTrust`.
+    Scores are normalised over the candidates (mean 1) and ``trust-threshold`` excludes; a
+    candidate whose update points against the peer's own (cosine < ``OPPOSED_COSINE``; unrelated
+    updates have a cosine near 0, not below -0.1) is excluded too, which
+    also covers a single neighbour (its normalised score is 1 by construction).
+    ``trust-damping`` and ``trust-norm-tol`` apply; the anchor is always the peer's own update
+    and no history is kept. Their mixing weight stays with this peer. The ring cannot do this
+    (a peer only ever sees partial sums), so trust applies to ``gossip`` and ``async-gossip``.
     """
-    rc = context.run_config
-    if str(rc.get("trust", "none")) != "pagerank" or not candidates or START_KEY not in context.state.array_records:
+    if not _trust_on(context) or not candidates or START_KEY not in context.state.array_records:
         return set()
     from fedledger.strategies.pagerank import pagerank_kwargs_from_config, trust_scores
 
-    kw = pagerank_kwargs_from_config(rc, with_ground_truth=False)
+    kw = pagerank_kwargs_from_config(context.run_config, with_ground_truth=False)
     start = flatten(context.state[START_KEY])
     own_delta = flatten(own) - start
     keys = sorted(candidates)
-    deltas = [own_delta] + [candidates[k] - start for k in keys]
-    scores = trust_scores(deltas, reference=own_delta, damping=kw.get("damping", 0.85),
-                          norm_tol=kw.get("norm_tol", 3.0), history_weight=0.0)
+    scores, details = trust_scores([candidates[k] - start for k in keys], reference=own_delta,
+                                   damping=kw.get("damping", 0.85), norm_tol=kw.get("norm_tol", 3.0),
+                                   history_weight=0.0, return_details=True)
+    cos = details.get("cos-to-anchor")
+    cos = np.zeros(len(keys)) if cos is None else np.asarray(cos)
     threshold = kw.get("threshold", 0.5)
-    return {k for k, s in zip(keys, scores[1:]) if s < threshold}
+    return {k for k, sc, c in zip(keys, scores, cos) if sc < threshold or c < OPPOSED_COSINE}
 
 
 def _numeric(metrics: dict) -> dict:
@@ -167,7 +178,8 @@ def handle_gossip(msg: Message, context: Context, train_local) -> Message:
     meta = _meta(context)
     if phase == "train":
         model = _model(msg, context)
-        context.state[START_KEY] = to_arrayrecord(model)
+        if _trust_on(context):
+            context.state[START_KEY] = to_arrayrecord(model)
         local, metrics = _train(msg, context, train_local, model)
         n = float(metrics.get("num-examples", 1.0))
         _save_model(context, local)
@@ -231,17 +243,19 @@ def handle_async(msg: Message, context: Context, train_local) -> Message:
             log.warning("peer %s: dropped async model from node %s: %s", context.node_id, cfg.get(f"{key}-from", "?"), reason)
             continue
         tau = max(0, version - int(cfg.get(f"{key}-version", version)))
-        received.append((str(cfg.get(f"{key}-from", key)), flatten(msg.content[key]), n, tau))
-    distrusted = _distrusted(context, model, {src: x for src, x, _, _ in received})
+        received.append((key, str(cfg.get(f"{key}-from", key)), flatten(msg.content[key]), n, tau))
+    distrusted_items = _distrusted(context, model, {key: x for key, _, x, _, _ in received})  # each item scored
+    distrusted = sorted({src for key, src, _, _, _ in received if key in distrusted_items})
     if distrusted:
         log.warning("node %s: distrusted the async models of peers %s (PageRank trust below threshold)",
-                    context.node_id, sorted(distrusted))
-    received = [(x, n, tau) for src, x, n, tau in received if src not in distrusted]
+                    context.node_id, distrusted)
+    received = [(x, n, tau) for key, _, x, n, tau in received if key not in distrusted_items]
     if received:
         model = unflatten(peer_lib.async_merge(flatten(model), float(meta.get("num-examples", 1.0)), received, exponent), model)
     metrics: dict = {}
     if bool(cfg.get("train", True)):
-        context.state[START_KEY] = to_arrayrecord(model)
+        if _trust_on(context):
+            context.state[START_KEY] = to_arrayrecord(model)
         model, metrics = _train(msg, context, train_local, model)
         meta["num-examples"] = float(metrics.get("num-examples", 1.0))
         meta["version"] = version + 1

@@ -77,8 +77,14 @@ def build_strategy(settings: Settings, num_nodes: int, reference_fn=None, audit=
     """The full stack for a run. ``audit`` is a callable ``strategy -> wrapped strategy``."""
     if settings.strategy in SERVERLESS:
         from fedledger.strategies.serverless import build_serverless_strategy
+        from fedledger.strategies.topology import TopologyError
 
-        return build_serverless_strategy(settings.strategy, settings.to_dict(), num_nodes)
+        try:
+            return build_serverless_strategy(settings.strategy, settings.to_dict(), num_nodes)
+        except TopologyError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     strategy = build_inner(settings, num_nodes)
     if settings.trust == "pagerank" and settings.strategy != "pagerank":
         from fedledger.strategies.pagerank import PageRankTrust

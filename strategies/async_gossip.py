@@ -254,8 +254,9 @@ class AsyncGossip(RelayStrategy):
         init_handle = {"arrays": initial_arrays, "n": 1.0}
         started: set[int] = set()
         metrics_by_round: dict[int, list] = defaultdict(list)
-        votes: dict[int, dict] = defaultdict(lambda: defaultdict(int))  # round -> peer -> distrust votes
-        heard: dict[int, dict] = defaultdict(lambda: defaultdict(int))
+        # round -> peer -> distinct peers that distrusted / received its model
+        votes: dict[int, dict] = defaultdict(lambda: defaultdict(set))
+        heard: dict[int, dict] = defaultdict(lambda: defaultdict(set))
         wall = {"t": time.perf_counter(), "relay": 0, "msgs": 0, "bytes": 0.0, "link": {}, "sent": {}, "recv": {}}
 
         def start_fn(p, items, train):
@@ -285,9 +286,9 @@ class AsyncGossip(RelayStrategy):
             rnd = eng.version[p] + 1
             for it in items:
                 if it["handle"] is not None:
-                    heard[rnd][int(it["from"])] += 1
+                    heard[rnd][int(it["from"])].add(p)
             for q in m.get("distrusted-peers", []):
-                votes[rnd][int(q)] += 1
+                votes[rnd][int(q)].add(p)
             if train:
                 metrics_by_round[eng.version[p] + 1].append({k: float(v) for k, v in m.items() if isinstance(v, (int, float))})
             return {"arrays": r.content["arrays"], "n": float(m.get("num-examples", 1.0))}

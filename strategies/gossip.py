@@ -74,7 +74,7 @@ class Gossip(RelayStrategy):
         nbytes = array_nbytes(initial_arrays)
         consensus = [consensus_distance(np.stack([flat[p] for p in alive]), true_avg)]
         phases, exchanges = [], []
-        votes, heard = defaultdict(int), defaultdict(int)
+        votes, heard = defaultdict(set), defaultdict(set)  # peer -> distinct peers that distrusted / received it
         dropped = sorted(set(contents) - set(alive))
         for step in range(self.steps):
             pairs = topo_lib.gossip_pairs(self.topology, self.k, self.rng, nodes=alive)
@@ -108,11 +108,14 @@ class Gossip(RelayStrategy):
                 if not alive:
                     return None, metrics, {"participants": [], "dropped": dropped}
             for i, j in pairs:
-                heard[i] += 1
-                heard[j] += 1
+                if i in replies:
+                    heard[j].add(i)
+                if j in replies:
+                    heard[i].add(j)
             for p in alive:
-                for q in replies[p].content["metrics"].get("distrusted-peers", []):
-                    votes[int(q)] += 1
+                if p in replies:
+                    for q in replies[p].content["metrics"].get("distrusted-peers", []):
+                        votes[int(q)].add(p)
             for p in alive:
                 records[p] = replies[p].content["arrays"]
                 flat[p] = flatten(records[p])

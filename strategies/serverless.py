@@ -180,14 +180,15 @@ class RelayStrategy(Strategy):
             if m is not None and "partition-id" in m:
                 self.pid_of[p] = int(m["partition-id"])
 
-    def record_distrust(self, server_round: int, votes: dict[int, int], heard: dict[int, int],
+    def record_distrust(self, server_round: int, votes: dict[int, set], heard: dict[int, set],
                         participants: Iterable[int]) -> tuple[dict, set[int]]:
         """Peers report whom they distrusted; a peer distrusted by more than half of the peers
         that received its model this round counts as excluded (``detection`` vs ground truth)
-        and is left out of the evaluation mean. Returns (history fields, excluded peers)."""
-        flagged = [p for p, v in votes.items() if 2 * v > heard.get(p, 0)]
+        and is left out of the evaluation mean. ``votes[p]`` / ``heard[p]``: the distinct peers
+        that distrusted / received ``p``'s model. Returns (history fields, excluded peers)."""
+        flagged = [p for p, v in votes.items() if 2 * len(v) > len(heard.get(p, ()))]
         pid = lambda p: self.pid_of.get(p, p)  # noqa: E731
-        out = {"distrusted-votes": {str(pid(p)): int(v) for p, v in sorted(votes.items()) if v},
+        out = {"distrusted-votes": {str(pid(p)): len(v) for p, v in sorted(votes.items()) if v},
                "distrusted": sorted(pid(p) for p in flagged)}
         if self.malicious is not None:
             from .detection import detection_metrics
@@ -278,8 +279,15 @@ def build_serverless_strategy(name: str, run_config: dict, num_nodes: int) -> St
     run_config = dict(run_config)
     malicious = [int(x) for x in str(run_config.get("malicious", "")).replace(" ", "").split(",") if x != ""]
     strategy = _build(name, run_config)
-    if malicious and str(run_config.get("trust", "none")) == "pagerank":
-        strategy.malicious = malicious
+    if str(run_config.get("trust", "none")) == "pagerank":
+        from .pagerank import pagerank_kwargs_from_config
+
+        pagerank_kwargs_from_config(run_config)  # bad trust-* values: one error here, not one per peer
+        if name == "ring":
+            log.warning("trust='pagerank' has no effect with strategy='ring': ring peers only see partial sums "
+                        "(use gossip or async-gossip for peer-side trust)")
+        elif malicious:
+            strategy.malicious = malicious
     return strategy
 
 

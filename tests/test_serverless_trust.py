@@ -36,25 +36,52 @@ def _run(name, trust, n=6, rounds=2, **cfg):
                   "trust-threshold": 0.5, **cfg}
     g = InProcessGrid(app, n, run_config)
     s = build_serverless_strategy(name, run_config, n)
-    res = s.start(grid=g, initial_arrays=to_arrayrecord(adapter(0)), num_rounds=rounds)
-    return s, flatten(as_numpy_dict(res.arrays))
+    s.start(grid=g, initial_arrays=to_arrayrecord(adapter(0)), num_rounds=rounds)
+    honest = [ctx.state[client_peer.MODEL_KEY] for ctx in g.contexts.values()
+              if int(ctx.node_config["partition-id"]) != ATTACKER]
+    return s, honest
 
 
-def _honest_distance(x):
-    return float(np.linalg.norm(x - flatten(TARGET)))
+def _honest_distance(models):
+    """Mean distance of the honest peers' own models (their ClientApp state) to the honest target."""
+    return float(np.mean([np.linalg.norm(flatten(as_numpy_dict(m)) - flatten(TARGET)) for m in models]))
 
 
 @pytest.mark.parametrize("name", ["gossip", "async-gossip"])
 def test_peers_distrust_the_sign_flipper_and_stay_closer_to_the_honest_target(name):
-    trusted, x_trust = _run(name, "pagerank")
-    _, x_plain = _run(name, "none")
+    trusted, honest_trust = _run(name, "pagerank")
+    _, honest_plain = _run(name, "none")
     flagged = [h["distrusted"] for h in trusted.history]
     assert any(ATTACKER in f for f in flagged), flagged
     assert all(set(f) <= {ATTACKER} for f in flagged), f"honest peers flagged: {flagged}"
     assert trusted.detection and max(d["f1"] for d in trusted.detection.values()) == 1.0
-    assert _honest_distance(x_trust) < 0.7 * _honest_distance(x_plain)
+    assert _honest_distance(honest_trust) < 0.7 * _honest_distance(honest_plain)
 
 
 def test_no_trust_no_distrust_record():
     s, _ = _run("gossip", "none", rounds=1)
     assert s.history[0]["distrusted"] == [] and s.detection == {}
+
+
+def test_orthogonal_honest_neighbours_are_kept_and_a_flipped_one_is_not():
+    """Peer-side scoring: unrelated (near-orthogonal) honest updates are not distrusted just for
+    being different from the peer's own; an update against the peer's own direction is."""
+    from flwr.app import Context, RecordDict
+
+    from fedledger.client_peer import START_KEY, _distrusted
+
+    rng = np.random.default_rng(0)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                  run_config={"trust": "pagerank", "trust-threshold": 0.5})
+    start = {"w": np.zeros(4000, np.float32)}
+    ctx.state[START_KEY] = to_arrayrecord(start)
+    own = {"w": rng.standard_normal(4000).astype(np.float32)}
+    a, b = (rng.standard_normal(4000).astype(np.float32) for _ in range(2))
+    assert _distrusted(ctx, own, {"1": a, "2": b}) == set()
+    assert _distrusted(ctx, own, {"1": a, "2": -3 * own["w"]}) == {"2"}
+    assert _distrusted(ctx, own, {"2": -own["w"]}) == {"2"}  # a single neighbour is judged too
+
+
+def test_bad_trust_value_is_one_config_error_not_a_failure_per_peer():
+    with pytest.raises(ValueError, match="trust-anchor"):
+        build_serverless_strategy("gossip", {"trust": "pagerank", "trust-anchor": "nonsense"}, 4)
