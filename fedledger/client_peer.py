@@ -82,7 +82,9 @@ def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[s
     Scores are normalised over the candidates (mean 1) and ``trust-threshold`` excludes; a
     candidate whose update points against the peer's own (cosine < ``OPPOSED_COSINE``; unrelated
     updates have a cosine near 0, not below -0.1) is excluded too, which
-    also covers a single neighbour (its normalised score is 1 by construction).
+    also covers a single neighbour (its normalised score is 1 by construction), and so is one
+    whose update norm is more than ``trust-norm-tol`` times larger or smaller than the peer's own
+    (scaled updates, free riders).
     ``trust-damping`` and ``trust-norm-tol`` apply; the anchor is always the peer's own update
     and no history is kept. Their mixing weight stays with this peer. The ring cannot do this
     (a peer only ever sees partial sums), so trust applies to ``gossip`` and ``async-gossip``.
@@ -100,8 +102,12 @@ def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[s
                                    history_weight=0.0, return_details=True)
     cos = details.get("cos-to-anchor")
     cos = np.zeros(len(keys)) if cos is None else np.asarray(cos)
+    # magnitude against the peer's own update (the median over 1-4 neighbours is no yardstick)
+    tol, own_norm = kw.get("norm_tol", 3.0), float(np.linalg.norm(own_delta))
+    ratio = np.asarray(details["norms"]) / own_norm if own_norm > 0 else np.ones(len(keys))
     threshold = kw.get("threshold", 0.5)
-    return {k for k, sc, c in zip(keys, scores, cos) if sc < threshold or c < OPPOSED_COSINE}
+    return {k for k, sc, c, r in zip(keys, scores, cos, ratio)
+            if sc < threshold or c < OPPOSED_COSINE or not (1.0 / tol <= r <= tol)}
 
 
 def _numeric(metrics: dict) -> dict:

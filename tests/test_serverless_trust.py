@@ -85,3 +85,17 @@ def test_orthogonal_honest_neighbours_are_kept_and_a_flipped_one_is_not():
 def test_bad_trust_value_is_one_config_error_not_a_failure_per_peer():
     with pytest.raises(ValueError, match="trust-anchor"):
         build_serverless_strategy("gossip", {"trust": "pagerank", "trust-anchor": "nonsense"}, 4)
+
+
+def test_scaled_and_free_riding_neighbours_are_not_merged():
+    from flwr.app import Context, RecordDict
+
+    from fedledger.client_peer import START_KEY, _distrusted
+
+    rng = np.random.default_rng(1)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                  run_config={"trust": "pagerank", "trust-norm-tol": 3.0})
+    ctx.state[START_KEY] = to_arrayrecord({"w": np.zeros(1000, np.float32)})
+    own = {"w": rng.standard_normal(1000).astype(np.float32)}
+    honest = own["w"] + 0.5 * rng.standard_normal(1000).astype(np.float32)
+    assert _distrusted(ctx, own, {"1": honest, "2": 10 * honest, "3": 0.01 * honest}) == {"2", "3"}
