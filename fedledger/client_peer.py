@@ -79,15 +79,18 @@ def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[s
     Deltas are taken from the model this peer last started training from. Only the candidates
     are scored; this peer's own delta is the reference node that personalises PageRank (a peer
     trusts its own update), as the server's root-split update does in :class:`PageRankTrust`.
-    Scores are normalised over the candidates (mean 1) and ``trust-threshold`` excludes; a
-    candidate whose update points against the peer's own (cosine < ``OPPOSED_COSINE``; unrelated
-    updates have a cosine near 0, not below -0.1) is excluded too, which
-    also covers a single neighbour (its normalised score is 1 by construction), and so is one
-    whose update norm is more than ``trust-norm-tol`` times larger or smaller than the peer's own
-    (scaled updates, free riders).
-    ``trust-damping`` and ``trust-norm-tol`` apply; the anchor is always the peer's own update
-    and no history is kept. Their mixing weight stays with this peer. The ring cannot do this
-    (a peer only ever sees partial sums), so trust applies to ``gossip`` and ``async-gossip``.
+    Excluded (their mixing weight stays with this peer):
+
+    - a candidate whose normalised score (mean 1 over the candidates) is under ``trust-threshold``;
+    - one whose update points against the peer's own (cosine < ``OPPOSED_COSINE``; unrelated
+      updates have a cosine near 0), which also judges a single neighbour (whose normalised
+      score is 1 by construction);
+    - one whose update norm is more than ``trust-norm-tol`` times larger or smaller than the
+      peer's own (scaled updates, free riders).
+
+    ``trust-damping`` and ``trust-norm-tol`` apply; the anchor is always the peer's own update and
+    no history is kept. The ring cannot do this (a peer only ever sees partial sums), so trust
+    applies to ``gossip`` and ``async-gossip``.
     """
     if not _trust_on(context) or not candidates or START_KEY not in context.state.array_records:
         return set()
