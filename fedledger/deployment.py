@@ -21,6 +21,7 @@ class LocalDeployment:
     num_supernodes: int = 2
     procs: list = field(default_factory=list)
     port: int = 0
+    node_config_extra: list = field(default_factory=list)  # per SuperNode, e.g. ['key-file="/keys/0.key"']
 
     def start(self) -> "LocalDeployment":
         os.makedirs(self.workdir, exist_ok=True)
@@ -31,9 +32,11 @@ class LocalDeployment:
                      "--database", os.path.join(self.workdir, "state.db")], env, "superlink.log")
         time.sleep(3)
         for i in range(self.num_supernodes):
+            node_config = f"partition-id={i} num-partitions={self.num_supernodes}"
+            if i < len(self.node_config_extra) and self.node_config_extra[i]:
+                node_config += " " + self.node_config_extra[i]
             self._spawn([_flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                         "--port", str(free_port()),
-                         "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}"], env, f"supernode-{i}.log")
+                         "--port", str(free_port()), "--node-config", node_config], env, f"supernode-{i}.log")
         self.write_flwr_config(env["FLWR_HOME"])
         return self
 

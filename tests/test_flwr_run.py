@@ -53,17 +53,31 @@ def test_failed_run_is_reported_as_failed(tmp_path):
 
 @pytest.mark.deployment
 def test_deployment_superlink_and_two_supernodes(tmp_path):
+    """FedAvg in deployment, audited: each SuperNode signs with the key in its own key file."""
+    from eth_account import Account
+
+    from fedledger.chain.audit import audit_run
     from fedledger.deployment import LocalDeployment
 
     run_dir = tmp_path / "runs"
-    with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2) as dep:
+    accounts = [Account.create() for _ in range(2)]
+    extra = []
+    for i, acct in enumerate(accounts):
+        key_file = tmp_path / f"node-{i}.key"
+        key_file.write_text(acct.key.hex())
+        extra.append(f'key-file="{key_file}"')
+    with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2, node_config_extra=extra) as dep:
         pids = [p.pid for p in dep.procs]
-        outcome = run_simulation(ROOT, _tiny_config(run_dir), flwr_home=dep.flwr_home, superlink="deploy",
-                                 timeout=600, echo=False)
+        outcome = run_simulation(ROOT, _tiny_config(run_dir, "audit='eth-tester'"), flwr_home=dep.flwr_home,
+                                 superlink="deploy", timeout=600, echo=False)
         assert outcome.ok, outcome.log[-3000:] + open(os.path.join(dep.workdir, "supernode-0.log")).read()[-2000:]
-    _, m = _metrics(run_dir)
+    folder, m = _metrics(run_dir)
     assert m["rounds"]["2"]["central"]["eval-loss"] < m["rounds"]["0"]["central"]["eval-loss"]
     assert m["num-nodes"] == 2
+    report = audit_run(folder)
+    assert report.ok, report.table()
+    signers = {r.client.lower() for r in report.rows if r.client not in ("aggregate", "trust")}
+    assert signers == {a.address.lower() for a in accounts}
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
