@@ -34,9 +34,8 @@ def run_mode(mode: str, task, cfg: dict, n: int, args) -> dict:
     from fedledger.client_app import app as client_app
     from fedledger.config import Settings
     from fedledger.inprocess import InProcessGrid
-    from fedledger.strategies import topology as topo_lib
     from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
-    from fedledger.strategies.serverless import NetworkAccounting, build_serverless_strategy
+    from fedledger.strategies.serverless import build_serverless_strategy
     from fedledger.strategy_factory import build_strategy
 
     settings = Settings.from_run_config({**cfg, "strategy": "fedavg" if mode == "server-fedavg" else mode})
@@ -48,11 +47,11 @@ def run_mode(mode: str, task, cfg: dict, n: int, args) -> dict:
         print(f"  {mode:14s} round {rnd}: held-out perplexity {ppl[rnd]:.3f}", flush=True)
 
     t0 = time.perf_counter()
-    if mode == "server-fedavg":
-        topo = topo_lib.build("complete", n, seed=args.seed, heterogeneity=args.heterogeneity)
-        strategy = NetworkAccounting(build_strategy(settings, n), topo, local_steps=args.local_steps)
+    rc = {**settings.to_dict(), "speed-heterogeneity": args.heterogeneity}
+    if mode == "server-fedavg":  # the app's stack: NetworkAccounting(ValidateUpdates(FedAvg))
+        strategy = build_strategy(Settings.from_run_config(rc), n)
     else:
-        strategy = build_serverless_strategy(mode, {**settings.to_dict(), "speed-heterogeneity": args.heterogeneity}, n)
+        strategy = build_serverless_strategy(mode, rc, n)
     strategy.start(grid=grid, initial_arrays=to_arrayrecord(task.initial_adapter), num_rounds=args.rounds,
                    train_config=ConfigRecord({"local-steps": args.local_steps}), evaluate_fn=evaluate)
     sim = [h.get("sim-round-seconds") for h in strategy.history]

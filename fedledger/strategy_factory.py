@@ -1,6 +1,6 @@
 """Run-config → a Flower strategy stack.
 
-    ValidateUpdates( [OnChainAudit]( [PageRankTrust]( inner ) ) )
+    NetworkAccounting( ValidateUpdates( [OnChainAudit]( [PageRankTrust]( inner ) ) ) )
 
 ``inner`` is one of Flower's own strategies (FedAvg, FedProx, FedAdam, Krum, ...) or ours.
 Serverless exchanges (ring, gossip, async-gossip) run their own relay loop and are returned
@@ -94,4 +94,21 @@ def build_strategy(settings: Settings, num_nodes: int, reference_fn=None, audit=
         strategy.reference_fn = reference_fn
     if audit is not None:
         strategy = audit(strategy)
-    return ValidateUpdates(strategy)
+    return _network_accounting(ValidateUpdates(strategy), settings, num_nodes)
+
+
+def _network_accounting(strategy: Strategy, settings: Settings, num_nodes: int) -> Strategy:
+    """Per-round bytes per peer and link, simulated network + compute time and wall time of the
+    hub exchange on the run's network model (run-config ``topology``, ``link-*``,
+    ``speed-heterogeneity``, ``step-seconds``): the same accounting the serverless modes report,
+    so ``metrics.json`` compares them on one model (key ``exchange``)."""
+    from fedledger.strategies import topology as topo_lib
+    from fedledger.strategies.serverless import NetworkAccounting
+
+    rc = settings.to_dict()
+    topology = topo_lib.build(str(rc.get("topology", "complete")), max(1, num_nodes), seed=settings.seed,
+                              latency=float(rc.get("link-latency", topo_lib.DEFAULT_LATENCY)),
+                              bandwidth=float(rc.get("link-bandwidth", topo_lib.DEFAULT_BANDWIDTH)),
+                              heterogeneity=float(rc.get("speed-heterogeneity", 0.0)))
+    return NetworkAccounting(strategy, topology, local_steps=settings.local_steps,
+                             step_seconds=float(rc.get("step-seconds", 1.0)))

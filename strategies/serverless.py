@@ -246,8 +246,9 @@ class NetworkAccounting(StrategyWrapper):
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         node_ids = sorted(grid.get_node_ids())
         peer_of = {nid: i for i, nid in zip(self.topology.nodes, node_ids)}
-        self._round = {"t0": time.perf_counter(), "down": {peer_of[m.metadata.dst_node_id]: message_nbytes(m) for m in msgs},
-                       "peer_of": peer_of}
+        self._round = {"t0": time.perf_counter(), "peer_of": peer_of,
+                       "down": {peer_of[m.metadata.dst_node_id]: message_nbytes(m) for m in msgs
+                                if m.metadata.dst_node_id in peer_of}}
         return msgs
 
     def aggregate_train(self, server_round, replies):

@@ -37,6 +37,9 @@ def test_flwr_run_simulation_lowers_heldout_loss(tmp_path):
     losses = [m["rounds"][r]["central"]["eval-loss"] for r in ("0", "1", "2")]
     assert losses[2] < losses[0], losses
     assert m["rounds"]["1"]["traffic"]["bytes-received"] > 0
+    exchange = m["rounds"]["1"]["exchange"]  # server FedAvg on the same network model as the serverless modes
+    assert exchange["strategy"] == "server-fedavg" and exchange["sim-network-seconds"] > 0
+    assert exchange["total-peer-bytes"] > 0
     assert os.path.exists(os.path.join(folder, "adapter", "adapter_model.safetensors"))
     assert not _superlinks_for(home), "the SuperLink started for the run is still running"
 
