@@ -5,9 +5,10 @@ sizes x 4 modes on 2 CPU cores). This run checks its accuracy finding on the rea
 CPU time allows: N peers (chatterbot-corpus split by category), equal local steps in every mode,
 held-out perplexity of the peers' examples-weighted mean model after every round, on the same
 held-out batches; simulated round time on the same network model (complete graph, 20 ms,
-100 Mbit/s links, speed heterogeneity 0.5).
+100 Mbit/s links, speed heterogeneity 0.5). Each gossip peer's own model is evaluated too.
 
-    PYTHONPATH=. python bench/bench_serverless_smollm2.py            # N=5, 3 rounds x 4 steps
+    PYTHONPATH=. python bench/bench_serverless_smollm2.py            # N=5, 3 rounds x 4 steps, seeds 42,1,2
+    PYTHONPATH=. python bench/bench_serverless_smollm2.py --reuse bench/results/serverless_smollm2.json  # add seeds
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--eval-batches", type=int, default=6)
     ap.add_argument("--heterogeneity", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", default="42,1,2")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--reuse", metavar="JSON", help="take the seeds already in this earlier result file (same settings)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     for name in ("flwr", "fedledger"):
@@ -84,14 +86,22 @@ def main() -> None:
     from fedledger.config import Settings
     from fedledger.task import get_task
 
-    cfg = {"model": args.model, "num-rounds": args.rounds, "local-steps": args.local_steps,
-           "learning-rate": args.learning_rate, "seed": args.seed, "gossip-k": 2, "gossip-steps": 1}
-    n = args.peers
-    task = get_task(Settings.from_run_config(cfg), n)
-    t0 = time.perf_counter()
-    results = {}
-    for mode in [m for m in args.modes.split(",") if m]:
-        results[mode] = run_mode(mode, task, cfg, n, args)
+    n, t0 = args.peers, time.perf_counter()
+    results: dict[str, dict] = {}  # seed -> mode -> result
+    if args.reuse:
+        import json
+
+        with open(args.reuse) as fh:
+            old = json.load(fh)
+        same = ("model", "peers", "rounds", "local_steps", "learning_rate", "eval_batches", "heterogeneity")
+        if any(old["args"].get(k) != getattr(args, k) for k in same):
+            raise SystemExit(f"{args.reuse} was run with other settings; not reusing it")
+        results.update(old["results"])
+    for seed in [s for s in args.seeds.split(",") if s and s not in results]:
+        cfg = {"model": args.model, "num-rounds": args.rounds, "local-steps": args.local_steps,
+               "learning-rate": args.learning_rate, "seed": int(seed), "gossip-k": 2, "gossip-steps": 1}
+        task = get_task(Settings.from_run_config(cfg), n)
+        results[seed] = {mode: run_mode(mode, task, cfg, n, args) for mode in args.modes.split(",") if mode}
     info = machine_info()
     md = report(results, args, info, time.perf_counter() - t0)
     write_results("serverless_smollm2", {"args": vars(args), "results": results, "machine": info}, md)
@@ -99,32 +109,44 @@ def main() -> None:
 
 
 def report(results: dict, args, info: dict, wall: float) -> str:
-    base = results.get("server-fedavg", {}).get("perplexity", {})
+    import numpy as np
+
+    seeds = sorted(results, key=lambda x: int(x))
+    modes = list(results[seeds[0]])
+    rounds = sorted(int(k) for k in results[seeds[0]][modes[0]]["perplexity"])
+
+    def ms(values) -> str:
+        return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+    def final(seed, mode):
+        p = results[seed][mode]["perplexity"]
+        return p[str(rounds[-1])] if str(rounds[-1]) in p else p[rounds[-1]]
+
     rows = []
-    for mode, r in results.items():
-        p = r["perplexity"]
-        last = p[max(p)]
-        vs = f"{100 * (last / base[max(base)] - 1):+.2f} %" if base else "n/a"
-        sim = sum(s for s in r["sim-round-seconds"] if s is not None)
-        own = r.get("peer-perplexity")
-        spread = f"{min(own):.3f}-{max(own):.3f}" if own else f"{last:.3f} (all equal)"
-        rows.append(f"| {mode} | " + " | ".join(f"{p[k]:.3f}" for k in sorted(p)) + f" | {vs} | {spread} | {sim:.1f} | "
-                    f"{r['wall-seconds']:.0f} |")
-    head = " | ".join(f"r{k}" for k in sorted(next(iter(results.values()))["perplexity"]))
+    for mode in modes:
+        per_round = [ms([results[s][mode]["perplexity"].get(str(r), results[s][mode]["perplexity"].get(r)) for s in seeds])
+                     for r in rounds]
+        vs = [100 * (final(s, mode) / final(s, "server-fedavg") - 1) for s in seeds] if "server-fedavg" in modes else []
+        vs_txt = (f"{np.mean(vs):+.2f} % ± {np.std(vs):.2f}" if len(vs) > 1 else f"{vs[0]:+.2f} %") if vs else "n/a"
+        own = [x for s in seeds for x in results[s][mode].get("peer-perplexity", [])]
+        spread = f"{min(own):.3f}-{max(own):.3f}" if own else "= the mean model"
+        sim = np.mean([sum(x for x in results[s][mode]["sim-round-seconds"] if x is not None) for s in seeds])
+        rows.append(f"| {mode} | " + " | ".join(per_round) + f" | {vs_txt} | {spread} | {sim:.1f} |")
+    head = " | ".join(f"r{r}" for r in rounds)
     return f"""# Serverless exchanges with SmolLM2-135M (`bench/bench_serverless_smollm2.py`)
 
-{machine_line(info)} Wall {wall:.0f} s.
+{machine_line(info)} Wall of this invocation {wall:.0f} s.
 
 Model {args.model}, {args.peers} peers (chatterbot-corpus by category), {args.rounds} rounds x {args.local_steps} local steps
-(batch 8, lr {args.learning_rate}), seed {args.seed}, gossip k=2 (1 mixing step per round), speed heterogeneity {args.heterogeneity}.
-Held-out perplexity of the peers' examples-weighted mean model on the first {args.eval_batches} held-out batches of 16
-(r0 = base model); then the final mean model vs server FedAvg (negative = serverless better), and the range
-of the perplexities of the models the peers themselves hold after the last round (server FedAvg and the ring
-give every peer the same model; gossip peers only approach consensus).
-One seed only (CPU time): differences under about 0.5 % are within run-to-run noise of LoRA dropout.
+(batch 8, lr {args.learning_rate}), seeds {', '.join(seeds)} (mean ± sd), gossip k=2 (1 mixing step per round), speed
+heterogeneity {args.heterogeneity}. Held-out perplexity of the peers' examples-weighted mean model on the first
+{args.eval_batches} held-out batches of 16 (r0 = base model); the final mean model vs server FedAvg of the same seed
+(negative = serverless better); the range of the perplexities of the models the peers themselves hold after the last
+round, over all seeds (server FedAvg and the ring give every peer the same model; gossip peers only approach
+consensus); simulated seconds of all rounds on the network model (complete graph, 20 ms, 100 Mbit/s).
 
-| mode | {head} | final vs server FedAvg | peers' own models | simulated s (all rounds) | wall s |
-|---|{'---|' * (len(head.split('|')))}---|---|---|---|
+| mode | {head} | final vs server FedAvg | peers' own models | simulated s |
+|---|{'---|' * len(rounds)}---|---|---|
 """ + "\n".join(rows) + "\n"
 
 
