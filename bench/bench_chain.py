@@ -24,6 +24,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from common import cpu_model  # noqa: E402
 
 from fedledger.chain import devnet, signing  # noqa: E402
 from fedledger.chain.audit import audit_run, fedavg_recompute  # noqa: E402
@@ -40,12 +43,7 @@ def machine_info() -> dict:
                                     cwd=os.path.dirname(HERE)).stdout.strip())
     except OSError:
         commit, dirty = "", False
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
-    except OSError:
-        pass
+    cpu = cpu_model()
     anvil = devnet.find_anvil()
     anvil_v = subprocess.run([anvil, "--version"], capture_output=True, text=True).stdout.splitlines()[0] if anvil else ""
     import web3

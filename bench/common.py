@@ -15,17 +15,20 @@ def machine_info() -> dict:
                                 cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
-    except OSError:
-        pass
+    cpu = cpu_model()
     import torch
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpus": os.cpu_count(), "torch": torch.__version__, "torch-threads": torch.get_num_threads(),
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def write_results(name: str, payload: dict, markdown: str) -> tuple[str, str]:
