@@ -348,38 +348,24 @@ def markdown(args, summary, rules, attacks, fractions, results, skipped, wall, G
              "real training torch's RNG (LoRA dropout) is seeded from that key (batches are already seeded by the ClientApp), so "
              "identical inputs give identical training and a hit returns exactly what the ClientApp computes. Round 1 is shared by every "
              "rule and attack; later rounds only where runs reached the same global adapter.\n"]
-    lines.append("## Detection F1 (mean over seeds; min in brackets)\n")
-    lines.append("| attackers | attack | " + " | ".join(short.get(r, r) for r in rules if r not in ("fedavg", "fedmedian", "fedtrimmedavg")) + " |")
+    def grid_table(title: str, cols: list[str], cell) -> None:
+        """One row per (fraction, attack), one column per rule; ``cell(summary entry) -> text``."""
+        lines.append(title)
+        lines.append("| attackers | attack | " + " | ".join(short.get(r, r) for r in cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for frac in fractions:
+            for attack in attacks:
+                cells = [cell(summary.get(f"{frac}|{attack}|{rule}")) for rule in cols]
+                lines.append(f"| {frac:.0%} | {attack} | " + " | ".join(cells) + " |")
+
     sel = [r for r in rules if r not in ("fedavg", "fedmedian", "fedtrimmedavg")]
-    lines.append("|---|---|" + "---|" * len(sel))
-    for frac in fractions:
-        for attack in attacks:
-            cells = []
-            for rule in sel:
-                s = summary.get(f"{frac}|{attack}|{rule}")
-                cells.append("skipped" if s is None else ("n/a" if s["f1-mean"] is None else f"{s['f1-mean']:.2f} ({s['f1-min']:.2f})"))
-            lines.append(f"| {frac:.0%} | {attack} | " + " | ".join(cells) + " |")
-    lines.append("\n## Held-out perplexity vs the attack-free run of the same rule (mean over seeds; worst in brackets)\n")
-    lines.append("| attackers | attack | " + " | ".join(short.get(r, r) for r in rules) + " |")
-    lines.append("|---|---|" + "---|" * len(rules))
-    for frac in fractions:
-        for attack in attacks:
-            cells = []
-            for rule in rules:
-                s = summary.get(f"{frac}|{attack}|{rule}")
-                cells.append("skipped" if s is None else f"{s['ppl-ratio-mean']:.3f} ({s['ppl-ratio-max']:.3f})")
-            lines.append(f"| {frac:.0%} | {attack} | " + " | ".join(cells) + " |")
-    lines.append("\n## Held-out perplexity vs attack-free *FedAvg* (same seed; mean over seeds)\n")
-    lines.append("| attackers | attack | " + " | ".join(short.get(r, r) for r in rules) + " |")
-    lines.append("|---|---|" + "---|" * len(rules))
-    for frac in fractions:
-        for attack in attacks:
-            cells = []
-            for rule in rules:
-                s = summary.get(f"{frac}|{attack}|{rule}")
-                v = None if s is None else s.get("ppl-vs-fedavg-clean-mean")
-                cells.append("skipped" if v is None else f"{v:.3f}")
-            lines.append(f"| {frac:.0%} | {attack} | " + " | ".join(cells) + " |")
+    grid_table("## Detection F1 (mean over seeds; min in brackets)\n", sel,
+               lambda s: "skipped" if s is None else ("n/a" if s["f1-mean"] is None else f"{s['f1-mean']:.2f} ({s['f1-min']:.2f})"))
+    grid_table("\n## Held-out perplexity vs the attack-free run of the same rule (mean over seeds; worst in brackets)\n", rules,
+               lambda s: "skipped" if s is None else f"{s['ppl-ratio-mean']:.3f} ({s['ppl-ratio-max']:.3f})")
+    grid_table("\n## Held-out perplexity vs attack-free *FedAvg* (same seed; mean over seeds)\n", rules,
+               lambda s: "skipped" if s is None or s.get("ppl-vs-fedavg-clean-mean") is None
+               else f"{s['ppl-vs-fedavg-clean-mean']:.3f}")
     clean = [r for r in results if r["attack"] == "none"]
     lines.append("\n## Attack-free runs (absolute held-out perplexity)\n")
     lines.append("| seed | initial | " + " | ".join(short.get(r, r) for r in rules) + " |")

@@ -363,6 +363,18 @@ def plot(payload: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+
+def write_outputs(payload: dict, out: str) -> None:
+    """serverless.json, serverless.md and serverless.png in ``out``; the markdown is printed too."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "serverless.json"), "w") as fh:
+        json.dump(payload, fh, indent=2, default=float)
+    md = markdown(payload)
+    with open(os.path.join(out, "serverless.md"), "w") as fh:
+        fh.write(md)
+    plot(payload, os.path.join(out, "serverless.png"))
+    print(md)
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[5, 10, 20])
@@ -392,13 +404,7 @@ def main(argv=None) -> None:
         with open(args.report_only) as fh:
             payload = json.load(fh)
         payload["claims"] = verdicts(payload["network"], payload["dissemination"], payload["training"], payload["args"]["nodes"])
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "serverless.json"), "w") as fh:
-            json.dump(payload, fh, indent=2, default=float)
-        with open(os.path.join(args.out, "serverless.md"), "w") as fh:
-            fh.write(markdown(payload))
-        plot(payload, os.path.join(args.out, "serverless.png"))
-        print(markdown(payload))
+        write_outputs(payload, args.out)
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("fedledger").setLevel(logging.ERROR)
@@ -423,13 +429,7 @@ def main(argv=None) -> None:
                           "training-s": reused_s if reused_s is not None else time.perf_counter() - t1},
                "adapter-bytes": {"tiny": TINY_ADAPTER_BYTES, "smollm2-size": SMOLLM2_ADAPTER_BYTES}}
     payload["claims"] = verdicts(net, dis, train, args.nodes)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serverless.json"), "w") as fh:
-        json.dump(payload, fh, indent=2, default=float)
-    with open(os.path.join(args.out, "serverless.md"), "w") as fh:
-        fh.write(markdown(payload))
-    plot(payload, os.path.join(args.out, "serverless.png"))
-    print(markdown(payload))
+    write_outputs(payload, args.out)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

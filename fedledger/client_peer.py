@@ -69,6 +69,14 @@ def _train(msg: Message, context: Context, train_local, model: dict[str, np.ndar
     return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, dict(metrics)
 
 
+def _payload_reason(payload, expected, weight: float, weight_name: str) -> str | None:
+    """Why a neighbour's model must not be merged (wrong keys/shapes, NaN/Inf, bad weight), or None."""
+    reason = invalid_reason(payload, expected)
+    if reason is None and not (np.isfinite(weight) and weight > 0):
+        reason = f"non-positive {weight_name} {weight}"
+    return reason
+
+
 def _trust_on(context: Context) -> bool:
     return str(context.run_config.get("trust", "none")) == "pagerank"
 
@@ -204,10 +212,8 @@ def handle_gossip(msg: Message, context: Context, train_local) -> Message:
             continue
         j = key[len("peer-"):]
         w = float(cfg.get(f"w-{j}", 0.0))
-        reason = invalid_reason(msg.content[key], expected)
         mass = float(cfg.get(f"mass-{j}", 0.0))
-        if reason is None and not (np.isfinite(mass) and mass > 0):
-            reason = f"non-positive mass {mass}"
+        reason = _payload_reason(msg.content[key], expected, mass, "mass")
         if reason is not None:
             rejected += 1
             self_weight += w
@@ -243,10 +249,8 @@ def handle_async(msg: Message, context: Context, train_local) -> Message:
     for key in list(msg.content.array_records.keys()):
         if not key.startswith("in-"):
             continue
-        reason = invalid_reason(msg.content[key], expected)
         n = float(cfg.get(f"{key}-n", 0.0))
-        if reason is None and not (np.isfinite(n) and n > 0):
-            reason = f"non-positive num-examples {n}"
+        reason = _payload_reason(msg.content[key], expected, n, "num-examples")
         if reason is not None:
             rejected += 1
             log.warning("peer %s: dropped async model from node %s: %s", context.node_id, cfg.get(f"{key}-from", "?"), reason)
