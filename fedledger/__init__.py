@@ -1,9 +1,9 @@
 """fedledger: federated LoRA fine-tuning on Flower with an auditable Ethereum ledger.
 
-The top-level folders ``strategies/``, ``clients/`` and ``chain/`` install as
-``fedledger.strategies``, ``fedledger.clients`` and ``fedledger.chain``.  When Flower runs the
+The top-level folders ``core/``, ``strategies/``, ``clients/`` and ``chain/`` install as
+``fedledger.core``, ``fedledger.strategies``, ``fedledger.clients`` and ``fedledger.chain``.  When Flower runs the
 app from its FAB copy (or from a source checkout without installing), this package's folder
-is first on ``sys.path`` and the three siblings are not inside it; appending the parent folder
+is first on ``sys.path`` and the four siblings are not inside it; appending the parent folder
 to ``__path__`` makes ``fedledger.strategies`` resolve to the sibling folder of *this* copy.
 """
 
@@ -13,7 +13,7 @@ import os as _os
 
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
-if all(_os.path.isdir(_os.path.join(_root, d)) for d in ("strategies", "clients", "chain")):
+if all(_os.path.isdir(_os.path.join(_root, d)) for d in ("core", "strategies", "clients", "chain")):
     if _root not in __path__:
         __path__.append(_root)  # type: ignore[name-defined]
 

@@ -1,0 +1,313 @@
+"""A client's train reply, decoded once at the boundary: an ``Update``, or a ``Rejected`` with its reason.
+
+Flower hands a strategy raw ``Message`` replies. Everything fedledger does with a reply (verify
+its signature, score its trust, aggregate it, record it on the ledger) works on the decoded form
+built here, in one pass, *before* any library touches the reply. A reply is accepted when:
+
+- **records**: exactly one ArrayRecord (any key) and exactly one MetricRecord (any key);
+  ConfigRecords are ignored except ``audit`` (the client's signed record), kept as sent;
+- **arrays**: the same tensor names as the global adapter the server sent this round; every
+  ``Array`` is numpy-serialised (stype ``numpy.ndarray``), declares and decodes (npy, never
+  pickle) to exactly the dtype, byte order and shape the server sent; its bytes are complete;
+  every value is finite;
+- **num-examples**: one scalar whole number in ``[1, max_examples]`` (a bound the run sets);
+- **metrics**: scalar int/float values are kept; lists, NaN/Inf and bools are dropped (noted,
+  not fatal);
+- **one reply per node**: a later valid reply of a node id that already has one is rejected.
+
+Decoding is zero-copy: each tensor is a read-only ``np.frombuffer`` view into the bytes that
+arrived (no ``np.load`` copy), and finiteness is checked with one reduction per tensor (a sum
+is finite only if every value is), falling back to an element-wise check only when that sum
+overflows.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+NUMPY_STYPE = "numpy.ndarray"
+NUM_EXAMPLES = "num-examples"
+AUDIT_KEY = "audit"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class BoundaryError(ValueError):
+    """Why one reply (or one array) cannot be used; the message is the rejection reason."""
+
+
+# ---------------------------------------------------------------------------- data types
+@dataclass(frozen=True)
+class Identity:
+    """Who a Flower node is in this run, resolved once by whoever builds the pipeline.
+
+    ``partition`` and ``signer`` are None when nobody established them (a plain Flower app):
+    the node id is then the only identity, and ``key`` says so.
+    """
+
+    node_id: int
+    partition: int | None = None
+    signer: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable key for per-client state (trust history): the partition when known."""
+        return f"partition-{self.partition}" if self.partition is not None else f"node-{self.node_id}"
+
+    def to_dict(self) -> dict:
+        return {"node-id": self.node_id, "partition": self.partition, "signer": self.signer}
+
+
+@dataclass(frozen=True)
+class Update:
+    """One accepted train reply. ``arrays`` are read-only views in the global adapter's order."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]            # scalar metrics as sent, num-examples excluded
+    audit: dict | None                   # the reply's ``audit`` ConfigRecord, untouched
+    message: Message                     # the reply itself (its Arrays are valid: reused, not re-encoded)
+    identity: Identity | None = None
+    dropped_metrics: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def with_identity(self, identity: Identity) -> "Update":
+        return replace(self, identity=identity)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A reply that did not enter the round, and why (``stage``: boundary, identity, signature)."""
+
+    node_id: int
+    reason: str
+    stage: str = "boundary"
+    identity: Identity | None = None
+
+    def to_dict(self) -> dict:
+        ident = self.identity.to_dict() if self.identity else {"node-id": self.node_id}
+        return {**ident, "reason": self.reason, "stage": self.stage}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and dtypes of the global adapter: what every reply must match."""
+
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> "Layout":
+        return cls({k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(math.prod(s) * d.itemsize for s, d in self.specs.values()))
+
+
+# ---------------------------------------------------------------------------- arrays
+def _npy_header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int]:
+    """(dtype, fortran order, shape, data offset) of npy bytes; BoundaryError if malformed."""
+    if len(data) < 10 or data[:6] != _NPY_MAGIC:
+        raise BoundaryError("bytes are not in npy format")
+    major = data[6]
+    if major == 1:
+        hlen, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        if len(data) < 12:
+            raise BoundaryError("truncated npy header")
+        hlen, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise BoundaryError(f"unknown npy format version {major}")
+    if start + hlen > len(data):
+        raise BoundaryError("truncated npy header")
+    try:
+        header = ast.literal_eval(data[start:start + hlen].decode("latin1" if major < 3 else "utf8"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+        if isinstance(descr, list):
+            raise BoundaryError("structured dtype")
+        dtype = np.dtype(descr)
+        shape = tuple(int(s) for s in shape)
+    except BoundaryError:
+        raise
+    except Exception:  # noqa: BLE001  (any malformed header is just a bad reply)
+        raise BoundaryError("malformed npy header") from None
+    if any(s < 0 for s in shape):
+        raise BoundaryError("negative dimension in npy header")
+    return dtype, bool(fortran), shape, start + hlen
+
+
+def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A read-only view of ``array``'s values, or BoundaryError naming what is wrong."""
+    if not isinstance(array, Array):
+        raise BoundaryError(f"{name}: not a Flower Array")
+    if array.stype != NUMPY_STYPE:
+        raise BoundaryError(f"{name}: serialisation {array.stype!r} is not {NUMPY_STYPE!r}")
+    data = array.data
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BoundaryError(f"{name}: array data is not bytes")
+    got_dtype, fortran, got_shape, offset = _npy_header(bytes(data[:4096]) if len(data) > 4096 else bytes(data))
+    if got_dtype != dtype:
+        raise BoundaryError(f"{name}: dtype {got_dtype.str} is not the adapter's {dtype.str}")
+    if got_shape != tuple(shape):
+        raise BoundaryError(f"{name}: shape {got_shape} != {tuple(shape)}")
+    if fortran and len(shape) > 1:
+        raise BoundaryError(f"{name}: Fortran-ordered array")
+    if str(array.dtype) != str(dtype) or tuple(array.shape) != tuple(shape):
+        raise BoundaryError(f"{name}: declared {array.dtype}{tuple(array.shape)} differs from its bytes")
+    count = math.prod(shape)
+    if len(data) != offset + count * dtype.itemsize:
+        raise BoundaryError(f"{name}: {len(data) - offset} data bytes, expected {count * dtype.itemsize}")
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    if dtype.kind in "fc" and not _all_finite(view):
+        raise BoundaryError(f"{name}: NaN/Inf values")
+    return view
+
+
+def _all_finite(view: np.ndarray) -> bool:
+    if view.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(view, axis=None)
+    if np.isfinite(total):
+        return True
+    return bool(np.isfinite(view).all())  # the sum may overflow with finite values
+
+
+def decode_arrayrecord(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
+    """Every tensor of ``record``, validated against ``layout``, in the layout's order."""
+    names = list(record.keys())
+    if set(names) != set(layout.specs):
+        missing = sorted(set(layout.specs) - set(names))
+        extra = sorted(set(names) - set(layout.specs))
+        raise BoundaryError(f"wrong tensor names (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
+    return {name: decode_array(name, record[name], shape, dtype) for name, (shape, dtype) in layout.specs.items()}
+
+
+def decode_global(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The server's own global adapter (trusted, so not checked against a layout): one decode."""
+    out = {}
+    for name, array in record.items():
+        dtype, _, shape, offset = _npy_header(bytes(array.data[:4096]))
+        if array.stype != NUMPY_STYPE:
+            raise BoundaryError(f"global adapter tensor {name} is not numpy-serialised")
+        out[name] = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+    return out
+
+
+# ---------------------------------------------------------------------------- metrics
+def whole_number(value, what: str, upper: int) -> int:
+    """``value`` as an int in ``[1, upper]``: an int, or a float with no fractional part."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BoundaryError(f"{what} must be a single number, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BoundaryError(f"{what} is {value}")
+        if not value.is_integer():
+            raise BoundaryError(f"{what} {value} is not a whole number")
+    if not 1 <= value <= upper:
+        raise BoundaryError(f"{what} {value:g} is outside [1, {upper}]")
+    return int(value)
+
+
+def scalar_metrics(record) -> tuple[dict[str, float], tuple[str, ...]]:
+    """(scalar finite metrics, names of the dropped ones) of a MetricRecord."""
+    kept, dropped = {}, []
+    for k, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            dropped.append(str(k))
+        else:
+            kept[str(k)] = v
+    return kept, tuple(dropped)
+
+
+# ---------------------------------------------------------------------------- replies
+def decode_reply(msg: Message, layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
+                 audit_key: str = AUDIT_KEY) -> Update:
+    """One train reply -> ``Update``; raises BoundaryError with the rejection reason."""
+    if msg.has_error():
+        raise BoundaryError(f"client error: {msg.error.reason}")
+    content = msg.content
+    arrays = list(content.array_records.items())
+    metrics = list(content.metric_records.values())
+    if len(arrays) != 1:
+        raise BoundaryError(f"{len(arrays)} ArrayRecords (expected exactly 1)")
+    if len(metrics) != 1:
+        raise BoundaryError(f"{len(metrics)} MetricRecords (expected exactly 1)")
+    record = metrics[0]
+    if weight_key not in record:
+        raise BoundaryError(f"no '{weight_key}' metric")
+    n = whole_number(record[weight_key], f"'{weight_key}'", max_examples)
+    decoded = decode_arrayrecord(arrays[0][1], layout)
+    kept, dropped = scalar_metrics(record)
+    kept.pop(weight_key, None)
+    audit = content.config_records.get(audit_key)
+    return Update(node_id=int(msg.metadata.src_node_id), arrays=decoded, num_examples=n, metrics=kept,
+                  audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped)
+
+
+def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
+                   audit_key: str = AUDIT_KEY) -> tuple[list[Update], list[Rejected]]:
+    """Decode every reply once. Keeps the first valid reply per node id; the rest are rejected."""
+    updates: list[Update] = []
+    rejected: list[Rejected] = []
+    seen: set[int] = set()
+    for msg in replies:
+        node = _node_id(msg)
+        try:
+            update = decode_reply(msg, layout, max_examples, weight_key, audit_key)
+        except BoundaryError as exc:
+            rejected.append(Rejected(node, str(exc)))
+            continue
+        if update.node_id in seen:
+            rejected.append(Rejected(node, "a second reply from this node in the same round"))
+            continue
+        seen.add(update.node_id)
+        updates.append(update)
+    return updates, rejected
+
+
+def decode_evaluate_reply(msg: Message, max_examples: int, weight_key: str = NUM_EXAMPLES) -> dict[str, float]:
+    """The scalar metrics of an evaluate reply (``weight_key`` validated); BoundaryError otherwise."""
+    if msg.has_error():
+        raise BoundaryError(f"client error: {msg.error.reason}")
+    metrics = list(msg.content.metric_records.values())
+    if len(metrics) != 1:
+        raise BoundaryError(f"{len(metrics)} MetricRecords (expected exactly 1)")
+    kept, _ = scalar_metrics(metrics[0])
+    if weight_key not in metrics[0]:
+        raise BoundaryError(f"no '{weight_key}' metric")
+    kept[weight_key] = whole_number(metrics[0][weight_key], f"'{weight_key}'", max_examples)
+    return kept
+
+
+def _node_id(msg: Message) -> int:
+    try:
+        return int(msg.metadata.src_node_id)
+    except Exception:  # noqa: BLE001
+        return -1
+
+
+def payload_nbytes(msg: Message) -> int:
+    """Bytes of array data a message carries, counted from the Array headers (no decode)."""
+    if msg.has_error():
+        return 0
+    total = 0
+    for rec in msg.content.array_records.values():
+        for a in rec.values():
+            data = getattr(a, "data", b"")
+            total += len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+    return int(total)
