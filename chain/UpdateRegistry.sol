@@ -4,8 +4,10 @@ pragma solidity ^0.8.24;
 /// @title UpdateRegistry: an append-only audit trail of federated-learning rounds.
 /// @notice The owner (the aggregator) opens rounds in order, records every client update of a
 /// round in one batch transaction (client address, SHA-256 of the update, number of examples,
-/// the client's EIP-191 signature) and commits the round's aggregate hash. One registry can
-/// hold many runs (keyed by the Flower run id).
+/// the client's EIP-191 signature) and commits, in one transaction, the round's aggregate hash
+/// and the hash of the round document (the off-chain round.json: accepted and refused replies,
+/// the trust decision, the global adapter the round started from). One registry can hold many
+/// runs (keyed by the Flower run id).
 contract UpdateRegistry {
     struct Round {
         uint32 count;        // records in this round
@@ -13,6 +15,7 @@ contract UpdateRegistry {
         bool committed;
         bytes32 aggregate;   // hash of the aggregate (0 until committed)
         bytes32 digest;      // running keccak over the ordered records (client, hash, numExamples)
+        bytes32 document;    // SHA-256 of the round document (0 until committed)
     }
 
     address public immutable owner;
@@ -31,12 +34,13 @@ contract UpdateRegistry {
         bytes signature
     );
     event AggregateCommitted(
-        uint256 indexed runId, uint256 indexed round, bytes32 aggregateHash, uint256 numRecords, bytes32 recordsDigest
+        uint256 indexed runId,
+        uint256 indexed round,
+        bytes32 aggregateHash,
+        uint256 numRecords,
+        bytes32 recordsDigest,
+        bytes32 documentHash
     );
-
-    /// The hash of the round's trust scores (a trust wrapper's per-client scores, stored off
-    /// chain as canonical JSON), committed with the aggregate.
-    event TrustCommitted(uint256 indexed runId, uint256 indexed round, bytes32 trustHash);
 
     error NotOwner();
     error RoundOutOfOrder(uint256 expected, uint256 got);
@@ -106,39 +110,39 @@ contract UpdateRegistry {
         return keccak256(abi.encode(digest, client, h, numExamples));
     }
 
-    /// Commit the aggregate of the current round; closes it for records.
-    function commitAggregate(uint256 runId, uint256 round, bytes32 aggregateHash) external onlyOwner {
-        _commit(runId, round, aggregateHash);
-    }
-
-    /// Commit the aggregate and the hash of the round's trust scores in one transaction.
-    function commitAggregateWithTrust(uint256 runId, uint256 round, bytes32 aggregateHash, bytes32 trustHash)
+    /// Commit the round: the aggregate hash (0 when the round aggregated nothing) and the hash of
+    /// the round document, in one transaction; closes the round for records.
+    function commitAggregate(uint256 runId, uint256 round, bytes32 aggregateHash, bytes32 documentHash)
         external
         onlyOwner
     {
-        if (trustHash == bytes32(0)) revert ZeroHash();
-        _commit(runId, round, aggregateHash);
-        emit TrustCommitted(runId, round, trustHash);
-    }
-
-    function _commit(uint256 runId, uint256 round, bytes32 aggregateHash) private {
+        if (documentHash == bytes32(0)) revert ZeroHash();
         if (round != currentRound[runId]) revert RoundOutOfOrder(currentRound[runId], round);
         Round storage r = rounds[runId][round];
         if (!r.open) revert RoundNotOpen(round);
         if (r.committed) revert RoundCommitted(round);
         r.committed = true;
         r.aggregate = aggregateHash;
-        emit AggregateCommitted(runId, round, aggregateHash, r.count, r.digest);
+        r.document = documentHash;
+        emit AggregateCommitted(runId, round, aggregateHash, r.count, r.digest, documentHash);
     }
 
-    /// Read a round: number of records, whether committed, aggregate hash, records digest.
+    /// Read a round: number of records, whether open and committed, aggregate hash, records
+    /// digest, round-document hash.
     function getRound(uint256 runId, uint256 round)
         external
         view
-        returns (uint256 count, bool open, bool committed, bytes32 aggregateHash, bytes32 recordsDigest)
+        returns (
+            uint256 count,
+            bool open,
+            bool committed,
+            bytes32 aggregateHash,
+            bytes32 recordsDigest,
+            bytes32 documentHash
+        )
     {
         Round storage r = rounds[runId][round];
-        return (r.count, r.open, r.committed, r.aggregate, r.digest);
+        return (r.count, r.open, r.committed, r.aggregate, r.digest, r.document);
     }
 
     /// Read one client's recorded update hash in a round (0 when none).

@@ -115,11 +115,28 @@ def update_hash(arrays: Mapping[str, Any]) -> str:
     return "0x" + update_hash_bytes(arrays).hex()
 
 
+def canonical_json(obj: Any) -> bytes:
+    """``obj`` as canonical JSON bytes: keys sorted, no whitespace, ASCII (NaN written as ``NaN``;
+    numpy scalars and arrays as the Python numbers and lists they hold). The run and round
+    documents are stored in exactly this form and hashed as bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True,
+                      default=_plain).encode("ascii")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def json_hash(obj: Any) -> str:
-    """``"0x"`` + SHA-256 of ``obj`` as canonical JSON (keys sorted, no whitespace, ASCII): used
-    for records that are not tensors, e.g. a round's trust scores."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-    return "0x" + hashlib.sha256(text.encode("ascii")).hexdigest()
+    """``"0x"`` + SHA-256 of ``obj`` as canonical JSON (:func:`canonical_json`)."""
+    return bytes_hash(canonical_json(obj))
+
+
+def bytes_hash(data: bytes) -> str:
+    """``"0x"`` + SHA-256 of ``data``."""
+    return "0x" + hashlib.sha256(data).hexdigest()
 
 
 def to_bytes32(value: str | bytes) -> bytes:

@@ -5,15 +5,22 @@
   address, ``owner()`` must answer, the chain id must match when given).
 - :meth:`Ledger.in_process` runs an eth-tester chain inside this process (history dies with it).
 - Writes are O(1) transactions per round: ``open_round``, one ``record_updates`` batch (split only
-  above ``max_batch`` records), ``commit_aggregate``. Every write is idempotent: it reads the chain
-  first and sends only what is missing, so a retry after a transient RPC error never records
-  anything twice (and a duplicate that slipped through is rejected by the contract).
+  above ``max_batch`` records), ``commit_aggregate`` (aggregate hash + round-document hash). Every
+  write is idempotent: it reads the chain first and sends only what is missing, so a retry after a
+  transient RPC error never records anything twice (and a duplicate that slipped through is
+  rejected by the contract).
+- The aggregator's key (:func:`aggregator_account`) on a real node: ``$FEDLEDGER_AGGREGATOR_KEY``
+  (0x hex) or a key file (an encrypted JSON keystore whose password is in
+  ``$FEDLEDGER_AGGREGATOR_KEY_PASSWORD``, or a file holding one 0x-hex key). With a key every
+  transaction is signed here and sent raw; the node's unlocked accounts are never used. Without
+  one, the node's first unlocked account writes (devnets only; logged).
 - Failures end in :class:`LedgerError`, whose message is one line naming the fix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +28,13 @@ from typing import Any, Callable, Iterable
 
 from .hashing import to_bytes32, to_hex
 
+log = logging.getLogger("fedledger.chain")
+
 DEFAULT_RPC = "http://127.0.0.1:8545"
+KEY_ENV = "FEDLEDGER_AGGREGATOR_KEY"
+KEY_PASSWORD_ENV = "FEDLEDGER_AGGREGATOR_KEY_PASSWORD"
+NO_KEY_HINT = (f"set ${KEY_ENV} (a 0x-hex private key) or aggregator-key-file (an encrypted JSON keystore with its "
+               f"password in ${KEY_PASSWORD_ENV}, or a file holding a 0x-hex key)")
 ARTIFACT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "UpdateRegistry.json")
 
 
@@ -54,6 +67,62 @@ def load_artifact(path: str = ARTIFACT) -> dict:
         raise LedgerError(f"contract artifact {path} is not a valid ABI+bytecode JSON; rebuild it with "
                           f"node chain/compile.js > chain/UpdateRegistry.json") from None
 
+# ---------------------------------------------------------------------------- the aggregator's key
+def aggregator_account(private_key: str | None = None, private_key_file: str | None = None):
+    """The aggregator's ``LocalAccount``: ``private_key``, else ``private_key_file``, else
+    ``$FEDLEDGER_AGGREGATOR_KEY``; None when none is given. Bad keys raise a one-line LedgerError."""
+    if private_key:
+        return _account_from_hex(private_key, "the aggregator private key")
+    if private_key_file:
+        return _account_from_file(private_key_file)
+    env = os.environ.get(KEY_ENV, "").strip()
+    if env:
+        return _account_from_hex(env, f"${KEY_ENV}")
+    return None
+
+
+def _account_from_hex(text: str, what: str):
+    from eth_account import Account
+
+    try:
+        return Account.from_key(text.strip())
+    except Exception:  # noqa: BLE001  (eth-account raises several types for a bad key)
+        raise LedgerError(f"{what} is not a 0x-hex private key of 32 bytes; {NO_KEY_HINT}") from None
+
+
+def _account_from_file(path: str):
+    from eth_account import Account
+
+    path = os.path.expanduser(path)
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        raise LedgerError(f"aggregator key file {path} not found; check aggregator-key-file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"cannot read aggregator key file {path} ({type(exc).__name__}); "
+                          f"check its permissions or aggregator-key-file") from None
+    if not text.startswith("{"):
+        return _account_from_hex(text, f"aggregator key file {path}")
+    try:
+        keystore = json.loads(text)
+    except ValueError:
+        raise LedgerError(f"aggregator key file {path} is neither a JSON keystore nor a 0x-hex key") from None
+    password = os.environ.get(KEY_PASSWORD_ENV)
+    if password is None:
+        raise LedgerError(f"aggregator key file {path} is an encrypted keystore; put its password in "
+                          f"${KEY_PASSWORD_ENV}")
+    try:
+        return Account.from_key(Account.decrypt(keystore, password))
+    except ValueError as exc:
+        if "MAC mismatch" in str(exc):
+            raise LedgerError(f"wrong password for the aggregator keystore {path}; check "
+                              f"${KEY_PASSWORD_ENV}") from None
+        raise LedgerError(f"aggregator key file {path} is not a valid JSON keystore ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  (a keystore missing fields)
+        raise LedgerError(f"aggregator key file {path} is not a valid JSON keystore "
+                          f"({type(exc).__name__})") from None
+
 
 def _revert_types() -> tuple:
     from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError
@@ -76,17 +145,58 @@ def _transient_types() -> tuple:
             TimeExhausted, ConnectionError, TimeoutError)
 
 
-class Ledger:
-    """One registry on one chain, written by one aggregator account."""
+def _node_chain_id(w3, rpc_url: str) -> int:
+    try:
+        return int(w3.eth.chain_id)
+    except _transient_types():
+        raise LedgerError(f"cannot reach the JSON-RPC node at {rpc_url}; start one with "
+                          f"`fedledger devnet start` or pass the right --rpc-url") from None
+    except Exception as exc:
+        raise LedgerError(f"{rpc_url} did not answer as an Ethereum JSON-RPC node ({type(exc).__name__}); "
+                          f"check --rpc-url") from None
 
-    def __init__(self, w3, contract, sender: str, kind: str, rpc_url: str | None, deploy_block: int = 0,
-                 timeout: float = 30.0, retries: int = 3, private_key: str | None = None, max_batch: int = 300):
+
+def _writer(w3, rpc_url: str, private_key: str | None, private_key_file: str | None):
+    """(LocalAccount or None, sender address): the aggregator key, else the node's first unlocked account."""
+    account = aggregator_account(private_key, private_key_file)
+    if account is not None:
+        return account, account.address
+    accounts = w3.eth.accounts
+    if not accounts:
+        raise LedgerError(f"no aggregator key and the node at {rpc_url} has no unlocked account; {NO_KEY_HINT}")
+    log.info("fedledger: no aggregator key given; writing with the node's first unlocked account %s (devnets "
+             "only; on a real chain set $%s or aggregator-key-file)", accounts[0], KEY_ENV)
+    return None, accounts[0]
+
+
+def _require_current(w3, address: str) -> None:
+    """A registry deployed from an older artifact lacks today's ``commitAggregate``: say so now,
+    not with a misleading revert at the end of round 1."""
+    from eth_utils import keccak
+
+    if keccak(text=_COMMIT_SIG)[:4] not in bytes(w3.eth.get_code(address)):
+        raise LedgerError(f"the registry at {address} predates the round-document commit (deployed from an older "
+                          f"UpdateRegistry); leave registry-address empty to deploy a current one")
+
+
+_COMMIT_SIG = "commitAggregate(uint256,uint256,bytes32,bytes32)"
+
+
+class Ledger:
+    """One registry on one chain, written by one aggregator account (``sender``; None: read only).
+
+    ``account`` is the aggregator's ``LocalAccount`` when its key is known: every transaction is
+    then built, signed here and sent raw. Without it, ``sender`` must be an account the node
+    unlocked (eth-tester, anvil's dev accounts)."""
+
+    def __init__(self, w3, contract, sender: str | None, kind: str, rpc_url: str | None, deploy_block: int = 0,
+                 timeout: float = 30.0, retries: int = 3, account=None, max_batch: int = 300):
         self.w3, self.contract, self.sender, self.kind, self.rpc_url = w3, contract, sender, kind, rpc_url
         self.deploy_block, self.timeout, self.retries, self.max_batch = deploy_block, timeout, retries, max_batch
-        self._key = private_key
+        self._account = account
         self.chain_id = int(w3.eth.chain_id)
-        self.tx_log: list[dict] = []      # gas and wall time of every transaction this object sent
-        self.on_events: Callable[[list[dict]], None] | None = None  # called with decoded events of each receipt
+        self.tx_log: list[dict] = []      # hash, gas and wall time of every transaction this object sent
+        self.listeners: list[Callable[[list[dict]], None]] = []  # each called with the decoded events of a receipt
         self._revert = _revert_types()
         self._transient = _transient_types()
 
@@ -95,50 +205,43 @@ class Ledger:
     def address(self) -> str:
         return self.contract.address
 
+    @property
+    def signs_locally(self) -> bool:
+        return self._account is not None
+
     @classmethod
     def in_process(cls, artifact: str = ARTIFACT, **kw) -> "Ledger":
-        """A fresh eth-tester chain in this process with a newly deployed registry."""
+        """A fresh eth-tester chain in this process with a newly deployed registry (its first
+        funded account writes; no key involved)."""
         from web3 import EthereumTesterProvider, Web3
 
         art = load_artifact(artifact)
         w3 = Web3(EthereumTesterProvider())
-        sender = w3.eth.accounts[0]
-        ledger = cls._deploy(w3, art, sender, "eth-tester", None, None, **kw)
-        return ledger
+        return cls._deploy(w3, art, w3.eth.accounts[0], "eth-tester", None, None, **kw)
 
     @classmethod
     def connect(cls, rpc_url: str = DEFAULT_RPC, registry_address: str | None = None, chain_id: int | None = None,
-                private_key: str | None = None, deploy_block: int | None = None, timeout: float = 30.0,
-                retries: int = 3, artifact: str = ARTIFACT, **kw) -> "Ledger":
-        """Attach to ``registry_address`` on the node at ``rpc_url`` or deploy a new registry."""
+                private_key: str | None = None, private_key_file: str | None = None, deploy_block: int | None = None,
+                timeout: float = 30.0, retries: int = 3, artifact: str = ARTIFACT, read_only: bool = False,
+                **kw) -> "Ledger":
+        """Attach to ``registry_address`` on the node at ``rpc_url`` or deploy a new registry.
+
+        The writer is the aggregator key (:func:`aggregator_account`) or, without one, the node's
+        first unlocked account. ``read_only``: no writer at all (the auditor); needs an address."""
         from web3 import HTTPProvider, Web3
 
         art = load_artifact(artifact)
         w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
-        try:
-            actual_chain = int(w3.eth.chain_id)
-        except _transient_types():
-            raise LedgerError(f"cannot reach the JSON-RPC node at {rpc_url}; start one with "
-                              f"`fedledger devnet start` or pass the right --rpc-url") from None
-        except Exception as exc:
-            raise LedgerError(f"{rpc_url} did not answer as an Ethereum JSON-RPC node ({type(exc).__name__}); "
-                              f"check --rpc-url") from None
+        actual_chain = _node_chain_id(w3, rpc_url)
         if chain_id is not None and int(chain_id) != actual_chain:
             raise LedgerError(f"chain id mismatch: the node at {rpc_url} is chain {actual_chain}, expected {chain_id}; "
                               f"point --rpc-url at the chain that holds the registry")
-        if private_key:
-            from eth_account import Account
-
-            sender = Account.from_key(private_key).address
-        else:
-            accounts = w3.eth.accounts
-            if not accounts:
-                raise LedgerError(f"the node at {rpc_url} has no unlocked account; pass an aggregator key "
-                                  f"($FEDLEDGER_AGGREGATOR_KEY)")
-            sender = accounts[0]
+        account, sender = (None, None) if read_only else _writer(w3, rpc_url, private_key, private_key_file)
         kind = "anvil"
         if not registry_address:
-            return cls._deploy(w3, art, sender, kind, rpc_url, private_key, timeout=timeout, retries=retries, **kw)
+            if read_only:
+                raise LedgerError("no registry address to read; pass --registry-address")
+            return cls._deploy(w3, art, sender, kind, rpc_url, account, timeout=timeout, retries=retries, **kw)
         if not Web3.is_address(registry_address):
             raise LedgerError(f"registry address {registry_address!r} is not an Ethereum address; check --registry-address")
         address = Web3.to_checksum_address(registry_address)
@@ -147,45 +250,52 @@ class Ledger:
                               f"or leave it empty to deploy a new registry")
         contract = w3.eth.contract(address=address, abi=art["abi"])
         try:
-            contract.functions.owner().call()
+            owner = contract.functions.owner().call()
         except Exception:
             raise LedgerError(f"the contract at {address} is not an UpdateRegistry; check --registry-address") from None
+        if sender is not None and owner.lower() != sender.lower():
+            raise LedgerError(f"the registry at {address} is owned by {owner}, not by the aggregator {sender}; use the "
+                              f"owner's key, or leave registry-address empty to deploy a new registry")
+        _require_current(w3, address)
         return cls(w3, contract, sender, kind, rpc_url, deploy_block=deploy_block or 0, timeout=timeout,
-                   retries=retries, private_key=private_key, **kw)
+                   retries=retries, account=account, **kw)
 
     @classmethod
-    def _deploy(cls, w3, art, sender, kind, rpc_url, private_key, **kw) -> "Ledger":
+    def _deploy(cls, w3, art, sender, kind, rpc_url, account, **kw) -> "Ledger":
         factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-        tmp = cls(w3, factory, sender, kind, rpc_url, private_key=private_key, **kw)
+        tmp = cls(w3, factory, sender, kind, rpc_url, account=account, **kw)
         receipt = tmp._send(factory.constructor(), "deploy")
         contract = w3.eth.contract(address=receipt["contractAddress"], abi=art["abi"])
-        ledger = cls(w3, contract, sender, kind, rpc_url, deploy_block=int(receipt["blockNumber"]),
-                     private_key=private_key, **kw)
+        ledger = cls(w3, contract, sender, kind, rpc_url, deploy_block=int(receipt["blockNumber"]), account=account, **kw)
         ledger.tx_log = tmp.tx_log
         return ledger
 
     def info(self) -> dict:
-        """What an auditor needs to find this registry again (saved as ``ledger.json``)."""
+        """What an auditor needs to find this registry again (part of the run's ``run.json``)."""
         return {"kind": self.kind, "rpc-url": self.rpc_url, "chain-id": self.chain_id,
                 "registry-address": self.address, "deploy-block": self.deploy_block, "aggregator": self.sender}
 
     # ------------------------------------------------------------------ transactions
     def _send(self, fn, label: str) -> dict:
+        if self.sender is None:
+            raise LedgerError(f"{label}: this ledger was opened read-only (no aggregator account); {NO_KEY_HINT}")
         start = time.perf_counter()
-        tx: dict[str, Any] = {"from": self.sender}
-        if self._key:
-            built = fn.build_transaction({"from": self.sender, "nonce": self.w3.eth.get_transaction_count(self.sender, "pending")})
-            signed = self.w3.eth.account.sign_transaction(built, self._key)
+        if self._account is not None:  # signed here; the node only relays the raw transaction
+            built = fn.build_transaction({"from": self.sender,
+                                          "nonce": self.w3.eth.get_transaction_count(self.sender, "pending")})
+            signed = self._account.sign_transaction(built)
             tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         else:
-            tx_hash = fn.transact(tx)
+            tx_hash = fn.transact({"from": self.sender})
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout, poll_latency=0.01)
         if int(receipt["status"]) != 1:
             raise _Reverted(f"{label} transaction {tx_hash.to_0x_hex()} reverted; run `fedledger audit` to inspect the chain")
-        self.tx_log.append({"label": label, "gas": int(receipt["gasUsed"]), "seconds": time.perf_counter() - start,
-                            "block": int(receipt["blockNumber"])})
-        if self.on_events is not None and label != "deploy":
-            self.on_events(self._decode_receipt(receipt))
+        self.tx_log.append({"label": label, "tx": tx_hash.to_0x_hex(), "gas": int(receipt["gasUsed"]),
+                            "seconds": time.perf_counter() - start, "block": int(receipt["blockNumber"])})
+        if self.listeners and label != "deploy":
+            events = self._decode_receipt(receipt)
+            for listener in self.listeners:
+                listener(events)
         return receipt
 
     def _idempotent(self, label: str, pending: Callable[[], Any], send: Callable[[Any], Any]) -> None:
@@ -279,49 +389,39 @@ class Ledger:
         if entries:
             self._idempotent(f"record {len(entries)} updates of round {server_round}", pending, send)
 
-    def commit_aggregate(self, run_id: int, server_round: int, aggregate_hash: str, trust_hash: str | None = None) -> None:
-        """Close the round with its aggregate hash (and, when given, the hash of its trust scores)."""
+    def commit_aggregate(self, run_id: int, server_round: int, aggregate_hash: str, document_hash: str) -> None:
+        """Close the round: its aggregate hash (the zero hash when it aggregated nothing) and the hash
+        of its round document, in one transaction."""
         f = self.contract.functions
-        want = to_bytes32(aggregate_hash)
-        if trust_hash is not None:
-            self._require_function("commitAggregateWithTrust(uint256,uint256,bytes32,bytes32)")
-            commit = f.commitAggregateWithTrust(int(run_id), int(server_round), want, to_bytes32(trust_hash))
-        else:
-            commit = f.commitAggregate(int(run_id), int(server_round), want)
+        want = (to_bytes32(aggregate_hash), to_bytes32(document_hash))
+        commit = f.commitAggregate(int(run_id), int(server_round), *want)
 
         def pending():
-            _, _, committed, agg, _ = f.getRound(int(run_id), int(server_round)).call()
-            if committed and bytes(agg) != want:
-                raise LedgerError(f"round {server_round} already has a different aggregate on chain; audit the run")
-            return not committed
+            r = self.get_round(run_id, server_round)
+            if r["committed"] and (to_bytes32(r["aggregate-hash"]), to_bytes32(r["document-hash"])) != want:
+                raise LedgerError(f"round {server_round} already has a different aggregate or round document on "
+                                  f"chain; audit the run with `fedledger audit`")
+            return not r["committed"]
 
         self._idempotent(f"commit aggregate of round {server_round}", pending,
                          lambda _: self._send(commit, "commitAggregate"))
 
     # ------------------------------------------------------------------ reads
-    def _require_function(self, signature: str) -> None:
-        """A registry deployed from an older artifact may lack ``signature``: say so, instead of
-        letting the transaction revert with a misleading reason."""
-        checked = self.__dict__.setdefault("_has_function", {})
-        if signature not in checked:
-            from eth_utils import keccak
-
-            checked[signature] = keccak(text=signature)[:4] in bytes(self.w3.eth.get_code(self.address))
-        if not checked[signature]:
-            raise LedgerError(f"the registry at {self.address} predates `{signature.split('(')[0]}` (deployed from an "
-                              f"older UpdateRegistry); leave registry-address empty to deploy a current one")
+    def owner(self) -> str:
+        return self.contract.functions.owner().call()
 
     def get_round(self, run_id: int, server_round: int) -> dict:
-        count, is_open, committed, agg, digest = self.contract.functions.getRound(int(run_id), int(server_round)).call()
+        count, is_open, committed, agg, digest, document = \
+            self.contract.functions.getRound(int(run_id), int(server_round)).call()
         return {"count": int(count), "open": bool(is_open), "committed": bool(committed),
-                "aggregate-hash": to_hex(agg), "records-digest": to_hex(digest)}
+                "aggregate-hash": to_hex(agg), "records-digest": to_hex(digest), "document-hash": to_hex(document)}
 
     def update_hash_of(self, run_id: int, server_round: int, client: str) -> str | None:
         h = bytes(self.contract.functions.updateHashOf(int(run_id), int(server_round), client).call())
         return None if h == b"\0" * 32 else to_hex(h)
 
     def events(self, run_id: int | None = None, client: str | None = None, from_block: int | None = None) -> list[dict]:
-        """Decoded registry events (RoundOpened, UpdateRecorded, AggregateCommitted, TrustCommitted), chain order.
+        """Decoded registry events (RoundOpened, UpdateRecorded, AggregateCommitted), in chain order.
 
         One ``eth_getLogs`` call (topics filter by run id and client), decoded with eth-abi
         directly: about 10x faster than web3's per-event decoding for large histories."""
@@ -346,15 +446,12 @@ class Ledger:
         return out
 
     def _decode_receipt(self, receipt) -> list[dict]:
-        out = []
-        for kind in (self.contract.events.RoundOpened, self.contract.events.UpdateRecorded,
-                     self.contract.events.AggregateCommitted, self.contract.events.TrustCommitted):
-            import warnings
+        """This registry's events in one mined receipt, decoded like :meth:`events`."""
+        from eth_utils import keccak
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for log in kind().process_receipt(receipt, errors=_discard()):
-                    out.append(_event_dict(log))
+        t0 = {keccak(text=sig): name for name, sig in _EVENT_SIGS.items()}
+        mine = [log for log in receipt["logs"] if str(log["address"]).lower() == self.address.lower()]
+        out = [e for e in (_decode_raw_log(log, t0) for log in mine) if e is not None]
         out.sort(key=lambda e: (e["block"], e["log-index"]))
         return out
 
@@ -362,8 +459,7 @@ class Ledger:
 _EVENT_SIGS = {
     "RoundOpened": "RoundOpened(uint256,uint256)",
     "UpdateRecorded": "UpdateRecorded(uint256,uint256,address,uint256,bytes32,uint64,bytes)",
-    "AggregateCommitted": "AggregateCommitted(uint256,uint256,bytes32,uint256,bytes32)",
-    "TrustCommitted": "TrustCommitted(uint256,uint256,bytes32)",
+    "AggregateCommitted": "AggregateCommitted(uint256,uint256,bytes32,uint256,bytes32,bytes32)",
 }
 
 
@@ -388,18 +484,10 @@ def _decode_raw_log(log, topic0: dict) -> dict | None:
         d.update({"client": to_checksum_address(topics[3][12:]), "index": int(index), "update-hash": to_hex(h),
                   "num-examples": int(n), "signature": to_hex(sig)})
     elif name == "AggregateCommitted":
-        h, n, digest = decode(["bytes32", "uint256", "bytes32"], data)
-        d.update({"aggregate-hash": to_hex(h), "num-records": int(n), "records-digest": to_hex(digest)})
-    elif name == "TrustCommitted":
-        (h,) = decode(["bytes32"], data)
-        d["trust-hash"] = to_hex(h)
+        h, n, digest, document = decode(["bytes32", "uint256", "bytes32", "bytes32"], data)
+        d.update({"aggregate-hash": to_hex(h), "num-records": int(n), "records-digest": to_hex(digest),
+                  "document-hash": to_hex(document)})
     return d
-
-
-def _discard():
-    from web3.logs import DISCARD
-
-    return DISCARD
 
 
 def _sig_bytes(sig: str | bytes) -> bytes:
@@ -412,21 +500,6 @@ def _sig_bytes(sig: str | bytes) -> bytes:
 def _reason(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:160]
-
-
-def _event_dict(log) -> dict:
-    a = dict(log["args"])
-    d: dict[str, Any] = {"event": log["event"], "block": int(log["blockNumber"]), "log-index": int(log["logIndex"]),
-                         "tx": log["transactionHash"].to_0x_hex(), "run-id": int(a["runId"]), "round": int(a["round"])}
-    if log["event"] == "UpdateRecorded":
-        d.update({"client": a["client"], "index": int(a["index"]), "update-hash": to_hex(a["updateHash"]),
-                  "num-examples": int(a["numExamples"]), "signature": to_hex(a["signature"])})
-    elif log["event"] == "AggregateCommitted":
-        d.update({"aggregate-hash": to_hex(a["aggregateHash"]), "num-records": int(a["numRecords"]),
-                  "records-digest": to_hex(a["recordsDigest"])})
-    elif log["event"] == "TrustCommitted":
-        d["trust-hash"] = to_hex(a["trustHash"])
-    return d
 
 
 def records_digest(records: list[dict]) -> str:

@@ -3,9 +3,8 @@
 Keys (eth-account ``LocalAccount``):
 
 - simulation: deterministic per node, ``private key = keccak256(seed || b"/" || partition-id)``
-  (:func:`simulation_account`). The seed comes from run-config ``audit-seed`` (default
-  ``"fedledger-sim"``). Anyone who knows the seed can derive every key: good for reproducible
-  simulations, never for deployments.
+  (:func:`simulation_account`, seed ``"fedledger-sim"``). Anyone who knows the seed can derive
+  every key: good for reproducible simulations, never for deployments.
 - deployments: a key file per node (:func:`account_from_keyfile`), given by node-config
   ``key-file`` (an encrypted JSON keystore, password from ``$FEDLEDGER_KEY_PASSWORD``, or a file
   holding one ``0x``-hex private key).
@@ -56,12 +55,11 @@ def account_from_keyfile(path: str, password: str | None = None):
 
 def node_account(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None):
     """The signing account of a ClientApp node: ``key-file`` from node-config when set, else the
-    simulation key of ``partition-id`` (seed: run-config ``audit-seed``)."""
+    simulation key of ``partition-id``."""
     key_file = node_config.get("key-file") if node_config else None
     if key_file:
         return account_from_keyfile(str(key_file))
-    seed = (run_config or {}).get("audit-seed", DEFAULT_SEED)
-    return simulation_account(int(node_config.get("partition-id", 0)), str(seed))
+    return simulation_account(int(node_config.get("partition-id", 0)))
 
 
 def signing_digest(run_id: int, server_round: int, update_hash_value: str | bytes) -> bytes:

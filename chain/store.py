@@ -1,14 +1,24 @@
-"""Artifact store: every client update and every aggregate of an audited run, as safetensors.
+"""Artifact store: what an audited run recorded off chain, as safetensors and canonical JSON.
 
 Layout under ``<run folder>/audit/``::
 
-    ledger.json                     registry address, chain id, RPC URL, run id, strategy, hash format
+    run.json                        the run's record: the round pipeline (rule, parameters, trust
+                                    stage, adapter layout, max-examples), the ledger (kind, RPC
+                                    URL, chain id, registry, deploy block, aggregator), run id,
+                                    hash format
     events.jsonl                    the registry events of this run as mined (an offline copy; the
                                     only copy for eth-tester, whose chain dies with the ServerApp)
-    round-0001/round.json           ordered accepted clients (address, node id, num-examples, hash),
-                                    refused replies with reasons, aggregate hash
-    round-0001/updates/<address>.safetensors
+    round-0001/global.safetensors   the global adapter the round started from
+    round-0001/updates/<client>.safetensors
+                                    each accepted update (<client>: signer address, lower case, or
+                                    the identity key of an unsigned update)
     round-0001/aggregate.safetensors
+    round-0001/round.json           the round document (see ``fedledger.chain.trail``)
+
+``run.json`` and ``round.json`` are canonical JSON (``hashing.canonical_json``: sorted keys, no
+whitespace, ASCII). The SHA-256 of a ``round.json`` file's bytes is the ``documentHash``
+committed on chain with the round's aggregate; each round document holds the SHA-256 of
+``run.json``'s bytes, so the run's record is bound to the chain too.
 """
 
 from __future__ import annotations
@@ -19,21 +29,27 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .hashing import canonical_arrays
+from .hashing import bytes_hash, canonical_arrays, canonical_json
+
+RUN_FILE = "run.json"
+ROUND_FILE = "round.json"
 
 
-def _atomic_write_json(path: str, data: Any) -> None:
+def _atomic_write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, default=str)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 
 class ArtifactStore:
-    def __init__(self, run_folder: str):
-        self.root = os.path.join(os.path.abspath(run_folder), "audit") if os.path.basename(
-            os.path.normpath(run_folder)) != "audit" else os.path.abspath(run_folder)
-        os.makedirs(self.root, exist_ok=True)
+    """One run's ``audit/`` folder (``run_folder`` may be the run folder or its ``audit/``)."""
+
+    def __init__(self, run_folder: str, create: bool = True):
+        root = os.path.abspath(run_folder)
+        self.root = root if os.path.basename(os.path.normpath(root)) == "audit" else os.path.join(root, "audit")
+        if create:
+            os.makedirs(self.root, exist_ok=True)
 
     # paths
     def round_dir(self, server_round: int) -> str:
@@ -42,35 +58,50 @@ class ArtifactStore:
     def update_path(self, server_round: int, client: str) -> str:
         return os.path.join(self.round_dir(server_round), "updates", f"{client.lower()}.safetensors")
 
+    def global_path(self, server_round: int) -> str:
+        return os.path.join(self.round_dir(server_round), "global.safetensors")
+
     def aggregate_path(self, server_round: int) -> str:
         return os.path.join(self.round_dir(server_round), "aggregate.safetensors")
 
+    def round_path(self, server_round: int) -> str:
+        return os.path.join(self.round_dir(server_round), ROUND_FILE)
+
+    @property
+    def run_path(self) -> str:
+        return os.path.join(self.root, RUN_FILE)
+
     # writes
-    def save_arrays(self, path: str, arrays: Mapping[str, Any]) -> None:
+    def save_arrays(self, path: str, arrays: Mapping[str, Any]) -> str:
         from safetensors.numpy import save_file
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tensors = {k: v for k, v in canonical_arrays(arrays)}
         tmp = path + ".tmp"
-        save_file(tensors, tmp)
+        save_file(dict(canonical_arrays(arrays)), tmp)
         os.replace(tmp, path)
+        return path
 
     def save_update(self, server_round: int, client: str, arrays: Mapping[str, Any]) -> str:
-        path = self.update_path(server_round, client)
-        self.save_arrays(path, arrays)
-        return path
+        return self.save_arrays(self.update_path(server_round, client), arrays)
+
+    def save_global(self, server_round: int, arrays: Mapping[str, Any]) -> str:
+        return self.save_arrays(self.global_path(server_round), arrays)
 
     def save_aggregate(self, server_round: int, arrays: Mapping[str, Any]) -> str:
-        path = self.aggregate_path(server_round)
-        self.save_arrays(path, arrays)
-        return path
+        return self.save_arrays(self.aggregate_path(server_round), arrays)
 
-    def write_round(self, server_round: int, data: dict) -> None:
+    def write_run(self, data: dict) -> str:
+        """Write ``run.json`` (canonical JSON); returns the SHA-256 of its bytes."""
+        body = canonical_json(data)
+        _atomic_write(self.run_path, body)
+        return bytes_hash(body)
+
+    def write_round(self, server_round: int, data: dict) -> str:
+        """Write the round document (canonical JSON); returns the SHA-256 of its bytes."""
+        body = canonical_json(data)
         os.makedirs(self.round_dir(server_round), exist_ok=True)
-        _atomic_write_json(os.path.join(self.round_dir(server_round), "round.json"), data)
-
-    def write_info(self, data: dict) -> None:
-        _atomic_write_json(os.path.join(self.root, "ledger.json"), data)
+        _atomic_write(self.round_path(server_round), body)
+        return bytes_hash(body)
 
     def append_events(self, events: list[dict]) -> None:
         with open(os.path.join(self.root, "events.jsonl"), "a") as fh:
@@ -84,16 +115,18 @@ class ArtifactStore:
 
         return load_file(path)
 
-    def read_info(self) -> dict:
-        with open(os.path.join(self.root, "ledger.json")) as fh:
-            return json.load(fh)
-
-    def read_round(self, server_round: int) -> dict | None:
-        path = os.path.join(self.round_dir(server_round), "round.json")
+    @staticmethod
+    def read_document(path: str) -> tuple[bytes, dict] | None:
+        """(file bytes, parsed JSON) of ``run.json`` / ``round.json``; None when absent.
+        Raises ValueError when the file is not a JSON object."""
         if not os.path.exists(path):
             return None
-        with open(path) as fh:
-            return json.load(fh)
+        with open(path, "rb") as fh:
+            body = fh.read()
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return body, data
 
     def read_events(self) -> list[dict]:
         path = os.path.join(self.root, "events.jsonl")

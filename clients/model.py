@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -250,7 +251,9 @@ def set_adapter(model, arrays: dict[str, np.ndarray]) -> None:
     missing = expected - set(arrays)
     if missing:
         raise ModelError(f"adapter is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-    state = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in arrays.items()}
+    with warnings.catch_warnings():  # read-only views of received bytes: only read, copied into the model
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        state = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in arrays.items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -94,6 +94,7 @@ class RoundReport:
     """Everything one round did, for ``metrics.json`` and the per-round log line."""
 
     round: int
+    started: float = field(default_factory=time.perf_counter)  # perf_counter() when the round was configured
     sent: int = 0                                    # train messages sent
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -115,7 +116,8 @@ class RoundReport:
              "bytes-received": self.bytes_received, "received": self.received, "kept": self.kept,
              "rejected": self.rejected, "distrusted": self.distrusted, "trust": self.trust,
              "aggregated": self.aggregated, "aggregate-error": self.aggregate_error, "metrics": self.metrics,
-             "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+             "wall-seconds": round(time.perf_counter() - self.started, 4)}
         d.update(self.extra)
         return d
 
@@ -162,7 +164,7 @@ def reply_metadata(node_id: int, server_round: int, run_id: int = 0) -> Metadata
 
 def aggregate_contributions(strategy: Strategy, server_round: int, contributions: Sequence[Contribution],
                             metadata: Sequence[Metadata], layout: Layout, metrics: Sequence[Mapping] | None = None,
-                            originals: Sequence[ArrayRecord | None] | None = None
+                            originals: Sequence[ArrayRecord] | None = None
                             ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, str | None]:
     """Hand the contributions to ``strategy.aggregate_train`` as clean replies, in order.
 
@@ -425,10 +427,12 @@ class RoundPipeline(Strategy):
         report.metrics = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, (int, float))}
 
 
-def _arrayrecord(update: Update, layout: Layout) -> ArrayRecord | None:
-    """The reply's own ArrayRecord when it can be handed on as is (same tensor order as the layout)."""
-    recs = list(update.message.content.array_records.values())
-    return recs[0] if len(recs) == 1 and list(recs[0].keys()) == layout.names else None
+def _arrayrecord(update: Update, layout: Layout) -> ArrayRecord:
+    """A new ArrayRecord holding the reply's own (validated) Array objects in the layout's order:
+    nothing is re-encoded, and a strategy that empties its input (Flower's Bulyan and
+    FedTrimmedAvg pop the arrays they read) never touches the reply itself."""
+    (rec,) = update.message.content.array_records.values()
+    return ArrayRecord({name: rec[name] for name in layout.names})
 
 
 def _one(what: str, a, b):

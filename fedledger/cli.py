@@ -1,20 +1,26 @@
 """``fedledger`` command line.
 
     fedledger run     [--run-config "k=v ..."] [--num-supernodes N]   a flwr simulation, checked and cleaned up
+                      [--quiet | --verbose]                          warnings only / everything flwr streams
     fedledger audit   ...                                              re-hash and verify a run's ledger history
     fedledger devnet  start|stop|status                                the local anvil devnet
 
-Errors in user input print one line (``fedledger: error: ...``) and exit with status 2.
+Errors in user input print one line (``fedledger: error: ...``) and exit with status 2; the
+settings are checked before any process starts. ``.venv/bin/fedledger`` works without an
+activated virtualenv (the flwr processes get the interpreter's bin folder first on PATH).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 
+from . import logs
 from .config import ConfigError, Settings, parse_run_config_string, pyproject_defaults
+from .flwr_runner import MODE_LEVELS, run_simulation
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -31,40 +37,31 @@ def _latest_run_folder(run_dir: str) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from .flwr_runner import run_simulation
-
+    mode = _output_mode(args)
     app_dir = os.path.abspath(args.app)
     try:
-        overrides = parse_run_config_string(args.run_config or "")
-        defaults = pyproject_defaults(app_dir)
-        unknown = sorted(set(overrides) - set(defaults))
-        if unknown:
-            return _fail(f"unknown run-config key(s) {', '.join(unknown)}; valid keys are listed in "
-                         f"[tool.flwr.app.config] of {os.path.join(app_dir, 'pyproject.toml')}")
-        settings = Settings.from_run_config({**defaults, **overrides})
-    except ConfigError as exc:
+        logs.configure(None if mode == "default" else MODE_LEVELS[mode])
+        settings, overrides = _checked_settings(app_dir, args)
+    except (ConfigError, ValueError) as exc:  # ValueError: a bad $FEDLEDGER_LOG_LEVEL
         return _fail(str(exc))
     except FileNotFoundError:
         return _fail(f"no pyproject.toml in {app_dir}; run from the fedledger folder or pass --app DIR")
 
-    run_dir = os.path.abspath(os.path.expanduser(settings.run_dir))
+    run_dir = os.path.abspath(os.path.expanduser(settings.run.run_dir))
     overrides["run-dir"] = run_dir
-    ledger_note = None
-    if settings.audit == "anvil":
+    if settings.audit.ledger == "anvil":
         try:
             from fedledger.chain import devnet
 
-            ledger_note = devnet.ensure_running(rpc_url=settings.rpc_url)
+            ledger_note = devnet.ensure_running(rpc_url=settings.audit.rpc_url)
         except Exception as exc:  # a clear line, not a traceback wall
-            return _fail(f"could not reach or start the devnet at {settings.rpc_url}: {exc}")
-        if ledger_note:
+            return _fail(f"could not reach or start the devnet at {settings.audit.rpc_url}: {exc}")
+        if ledger_note and mode != "quiet":
             print(f"fedledger: {ledger_note}")
     run_config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
-    fed = f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client}"
-    if args.federation_config:
-        fed += " " + args.federation_config
     before = _latest_run_folder(run_dir)
-    outcome = run_simulation(app_dir, run_config, fed, flwr_home=args.flwr_home, timeout=args.timeout, echo=not args.quiet)
+    outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
+                             timeout=args.timeout, mode=mode)
     folder = _latest_run_folder(run_dir)
     print(f"\nfedledger: run {outcome.run_id} status {outcome.status}")
     if not outcome.ok:
@@ -76,11 +73,45 @@ def cmd_run(args) -> int:
     if folder and folder != before:
         print(f"fedledger: results in {folder}")
         _print_summary(folder)
-        if settings.audit != "none" and not args.no_audit:
+        if settings.audit.ledger != "none" and not args.no_audit:
             from fedledger.cli_chain import audit_run_folder
 
             return audit_run_folder(folder)
     return 0
+
+
+def _output_mode(args) -> str:
+    return "quiet" if args.quiet else "verbose" if args.verbose else "default"
+
+
+def _checked_settings(app_dir: str, args) -> tuple[Settings, dict]:
+    """Typed settings for defaults + overrides, checked against the node count, before anything starts."""
+    overrides = parse_run_config_string(args.run_config or "")
+    defaults = pyproject_defaults(app_dir)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, defaults, n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"unknown run-config key(s) {', '.join(hints)}; valid keys are listed in "
+                          f"[tool.flwr.app.config] of {os.path.join(app_dir, 'pyproject.toml')}")
+    settings = Settings.from_run_config({**defaults, **overrides}, strict=True)
+    settings.check_nodes(_num_supernodes(args))
+    return settings, overrides
+
+
+def _federation_config(args) -> str:
+    fed = f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client}"
+    return f"{fed} {args.federation_config}" if args.federation_config else fed
+
+
+def _num_supernodes(args) -> int:
+    """--num-supernodes, unless --federation-config sets num-supernodes (flwr takes the last value)."""
+    extra = parse_run_config_string(args.federation_config or "")
+    value = extra.get("num-supernodes", args.num_supernodes)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"--federation-config num-supernodes={value!r} is not valid; pass a whole number, "
+                          "e.g. --num-supernodes 4")
+    return value
 
 
 def _toml(value) -> str:
@@ -95,10 +126,21 @@ def _print_summary(folder: str) -> None:
     with open(os.path.join(folder, "metrics.json")) as fh:
         m = json.load(fh)
     print(f"{'round':>5} {'held-out loss':>14} {'perplexity':>11} {'train loss':>11} {'MB sent':>8} {'MB recv':>8}")
-    for rnd, entry in m["rounds"].items():
+    for rnd, entry in m.get("rounds", {}).items():
         c, t, tr = entry.get("central", {}), entry.get("train", {}), entry.get("traffic", {})
-        print(f"{rnd:>5} {c.get('eval-loss', float('nan')):>14.4f} {c.get('perplexity', float('nan')):>11.2f} "
-              f"{t.get('train-loss', float('nan')):>11.4f} {tr.get('bytes-sent', 0) / 1e6:>8.2f} {tr.get('bytes-received', 0) / 1e6:>8.2f}")
+        cells = [_cell(c.get("eval-loss"), 14, ".4f"), _cell(c.get("perplexity"), 11, ".2f"),
+                 _cell(t.get("train-loss"), 11, ".4f"), _cell(_mb(tr.get("bytes-sent")), 8, ".2f"),
+                 _cell(_mb(tr.get("bytes-received")), 8, ".2f")]
+        print(f"{rnd:>5} " + " ".join(cells))
+
+
+def _mb(num_bytes) -> float | None:
+    return num_bytes / 1e6 if isinstance(num_bytes, (int, float)) else None
+
+
+def _cell(value, width: int, fmt: str) -> str:
+    """A number, or "-" where the run did not record one."""
+    return f"{value:>{width}{fmt}}" if isinstance(value, (int, float)) and value == value else f"{'-':>{width}}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run (default: ./.flwr)")
     run.add_argument("--timeout", type=float, default=3 * 3600)
     run.add_argument("--no-audit", action="store_true", help="skip the audit at the end of an audited run")
-    run.add_argument("--quiet", action="store_true")
+    output = run.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="only warnings, errors and the final result lines")
+    output.add_argument("--verbose", action="store_true",
+                        help="everything flwr streams (Flower's INFO lines, library warnings) and fedledger's DEBUG lines")
     run.set_defaults(func=cmd_run)
     from .cli_chain import add_chain_commands
 
@@ -123,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        logs.quiet_libraries()
     return int(args.func(args) or 0)
 
 

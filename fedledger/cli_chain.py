@@ -1,9 +1,10 @@
 """Chain commands of the ``fedledger`` CLI: ``devnet start|stop|status`` and ``audit``.
 
 ``fedledger/cli.py`` calls :func:`add_chain_commands`; ``python -m fedledger.cli_chain ...`` works
-too. Bad input (unreachable RPC, wrong chain id, unknown registry, missing artifact or run
-folder) prints one ``fedledger: error: ...`` line and exits with code 2; an audit that finds
-problems exits with 1.
+too. ``fedledger audit`` exits with 0 when every record is verified, 1 when it finds problems,
+2 on bad input (unreachable RPC, wrong chain id, unknown registry, missing artifact or run
+folder: one ``fedledger: error: ...`` line) and 3 when it found no problem but could not verify
+everything (an aggregate it cannot recompute, unsigned updates).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 import sys
 
-EXIT_PROBLEMS, EXIT_BAD_INPUT = 1, 2
+EXIT_BAD_INPUT = 2
 
 
 def _fail(msg: str) -> int:
@@ -22,7 +23,7 @@ def _fail(msg: str) -> int:
 
 def audit_run_folder(folder: str, rpc_url: str | None = None, registry_address: str | None = None,
                      as_json: bool = False, atol: float = 0.0) -> int:
-    """Audit one run folder, print the table (or JSON); 0 = all OK, 1 = problems, 2 = bad input."""
+    """Audit one run folder, print the table (or JSON); returns the exit code (see the module)."""
     from fedledger.chain.audit import audit_run
     from fedledger.chain.ledger import LedgerError
 
@@ -34,7 +35,7 @@ def audit_run_folder(folder: str, rpc_url: str | None = None, registry_address: 
         return _fail(f"cannot read the audit record in {folder} ({type(exc).__name__}: {exc}); "
                      f"pass the folder of an audited run")
     print(json.dumps(report.to_dict(), indent=1) if as_json else report.table())
-    return 0 if report.ok else EXIT_PROBLEMS
+    return report.exit_code
 
 
 def cmd_audit(args) -> int:
@@ -67,8 +68,11 @@ def cmd_devnet(args) -> int:
 
 
 def add_chain_commands(subparsers) -> None:
-    audit = subparsers.add_parser("audit", help="audit a run: chain records vs stored updates and aggregates")
-    audit.add_argument("run_folder", help="folder of an audited run (holds audit/ledger.json)")
+    audit = subparsers.add_parser(
+        "audit", help="audit a run: chain records vs stored files, every aggregate recomputed",
+        description="Exit codes: 0 every record verified, 1 problems found, 2 bad input, 3 no problem found but "
+                    "not everything verified (an aggregate not recomputed, unsigned updates).")
+    audit.add_argument("run_folder", help="folder of an audited run (holds audit/run.json)")
     audit.add_argument("--rpc-url", default=None, help="JSON-RPC URL (default: the one the run used)")
     audit.add_argument("--registry-address", default=None, help="registry address (default: the run's)")
     audit.add_argument("--atol", type=float, default=0.0, help="tolerance for the recomputed aggregate (default: bit-exact)")

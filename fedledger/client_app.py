@@ -6,6 +6,9 @@
   adapter and this node's Ethereum signature over (run id, round, hash).
 - ``evaluate``: loss and perplexity of the received adapter on held-out text of this node's
   categories (the node never trained on it).
+- ``query.identity``: this node's partition id and, when auditing, its signer address and a
+  signature proving it holds that key (``fedledger.identity``); asked once per node, so the
+  server never reads a partition id from a train reply.
 - Serverless exchanges (ring / gossip) register their own message handlers from
   ``fedledger.client_peer``.
 
@@ -16,16 +19,22 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from . import logs
 
-from fedledger.clients import model as model_lib
-from fedledger.clients import train as train_lib
-from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
+logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at import time
 
-from .config import Settings
-from .task import get_task
+import numpy as np  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedledger.clients import model as model_lib  # noqa: E402
+from fedledger.clients import train as train_lib  # noqa: E402
+from fedledger.core.pipeline import to_record  # noqa: E402
+from fedledger.core.update import decode_global  # noqa: E402
+
+from . import identity  # noqa: E402
+from .config import Settings  # noqa: E402
+from .task import get_task  # noqa: E402
 
 log = logging.getLogger("fedledger")
 app = ClientApp()
@@ -45,20 +54,21 @@ def node_identity(context: Context) -> tuple[int, int]:
 
 def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
     """Train from the adapter in ``msg["arrays"]``; return (new adapter, metrics)."""
-    settings = Settings.from_run_config(context.run_config)
+    settings = Settings.cached(context.run_config)
     pid, num_partitions = node_identity(context)
     task = get_task(settings, num_partitions)
-    global_adapter = as_numpy_dict(msg.content["arrays"])
+    global_adapter = decode_global(msg.content["arrays"])
     server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-    attack = settings.attack if pid in settings.malicious_ids() else "none"
+    attack = settings.attack.name if pid in settings.attack.malicious else "none"
     data_attack = attack != "none" and _attacks().is_data_attack(attack)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0)) if "config" in msg.content else 0.0
 
     model_lib.set_adapter(task.model, global_adapter)
     examples = task.examples("partition", pid, poisoned=attack if data_attack else None)
-    seed = int(np.random.SeedSequence([settings.seed, pid, server_round]).generate_state(1)[0])
-    stats = train_lib.train_steps(task.model, examples, task.pad_id, settings.local_steps, settings.batch_size,
-                                  settings.learning_rate, seed, proximal_mu=proximal_mu,
+    seed = int(np.random.SeedSequence([settings.run.seed, pid, server_round]).generate_state(1)[0])
+    t = settings.train
+    stats = train_lib.train_steps(task.model, examples, task.pad_id, t.local_steps, t.batch_size,
+                                  t.learning_rate, seed, proximal_mu=proximal_mu,
                                   anchor=global_adapter if proximal_mu > 0 else None)
     local = model_lib.get_adapter(task.model)
     if attack != "none" and not data_attack:
@@ -69,7 +79,6 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
         "train-seconds": stats["train-seconds"],
         "tokens-per-second": stats["tokens-per-second"],
         "peak-rss-mb": train_lib.peak_rss_mb(),
-        "partition-id": pid,
     }
     return local, metrics
 
@@ -80,22 +89,31 @@ def _attacks():
     return attacks
 
 
-def _audit_record(settings: Settings, context: Context, arrays: dict, server_round: int) -> ConfigRecord | None:
-    if settings.audit == "none":
+def signing_key(context: Context):
+    """(this node's signing account, "key-file" | "simulation"), or None when the run is not audited."""
+    if Settings.cached(context.run_config).audit.ledger == "none":
         return None
     from fedledger.chain import signing
 
-    account = signing.node_account(context.node_config, context.run_config)
-    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, account))
+    source = "key-file" if context.node_config.get("key-file") else "simulation"
+    return signing.node_account(context.node_config, context.run_config), source
+
+
+def _audit_record(context: Context, arrays: dict, server_round: int) -> ConfigRecord | None:
+    key = signing_key(context)
+    if key is None:
+        return None
+    from fedledger.chain import signing
+
+    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, key[0]))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     arrays, metrics = train_local(msg, context)
-    content = RecordDict({"arrays": to_arrayrecord(arrays), "metrics": MetricRecord(metrics)})
-    settings = Settings.from_run_config(context.run_config)
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
     server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-    audit = _audit_record(settings, context, arrays, server_round)
+    audit = _audit_record(context, arrays, server_round)
     if audit is not None:
         content["audit"] = audit
     return Message(content, reply_to=msg)
@@ -103,12 +121,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings = Settings.from_run_config(context.run_config)
+    settings = Settings.cached(context.run_config)
     pid, num_partitions = node_identity(context)
     task = get_task(settings, num_partitions)
-    model_lib.set_adapter(task.model, as_numpy_dict(msg.content["arrays"]))
+    model_lib.set_adapter(task.model, decode_global(msg.content["arrays"]))
     mine = task.examples("heldout", categories=task.categories(pid))
-    result = train_lib.evaluate(task.model, mine, task.pad_id, max_batches=settings.eval_batches)
+    result = train_lib.evaluate(task.model, mine, task.pad_id, max_batches=settings.train.eval_batches)
     return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
 
 
@@ -120,4 +138,5 @@ def _register_peer_handlers() -> None:
     client_peer.register(app, train_local)
 
 
+identity.register(app, signing_key)
 _register_peer_handlers()

@@ -11,7 +11,11 @@ deployment.
 
 A payload from a peer that is malformed (wrong keys/shape, NaN/Inf) is never merged: it is
 dropped with a logged reason and the reply says ``rejected`` so the relay can route around
-the sender.
+the sender. Neighbours are named by the relay (``peer-<j>``, ``in-<i>-from``: topology peers,
+i.e. partition ids); a reply never says which partition its sender holds.
+
+Peer-side trust reads the run's typed settings (``Settings.cached(context.run_config).trust``:
+``mode``, ``threshold``, ``damping``, ``norm_tol``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedledger.config import Settings
 from fedledger.strategies import peer as peer_lib
 from fedledger.strategies.kernels import as_numpy_dict, flatten, invalid_reason, layout, to_arrayrecord, unflatten
 
@@ -77,8 +82,10 @@ def _payload_reason(payload, expected, weight: float, weight_name: str) -> str |
     return reason
 
 
-def _trust_on(context: Context) -> bool:
-    return str(context.run_config.get("trust", "none")) == "pagerank"
+def _trust(context: Context):
+    """The run's trust settings when peer-side PageRank trust is on, else None."""
+    trust = Settings.cached(context.run_config).trust
+    return trust if trust.mode == "pagerank" else None
 
 
 def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> set[str]:
@@ -100,29 +107,30 @@ def _distrusted(context: Context, own: dict[str, np.ndarray], candidates: dict[s
     no history is kept. The ring cannot do this (a peer only ever sees partial sums), so trust
     applies to ``gossip`` and ``async-gossip``.
     """
-    if not _trust_on(context) or not candidates or START_KEY not in context.state.array_records:
+    trust = _trust(context)
+    if trust is None or not candidates or START_KEY not in context.state.array_records:
         return set()
-    from fedledger.strategies.pagerank import pagerank_kwargs_from_config, trust_scores
+    from fedledger.strategies.pagerank import trust_scores
 
-    kw = pagerank_kwargs_from_config(context.run_config, with_ground_truth=False)
     start = flatten(context.state[START_KEY])
     own_delta = flatten(own) - start
     keys = sorted(candidates)
     scores, details = trust_scores([candidates[k] - start for k in keys], reference=own_delta,
-                                   damping=kw.get("damping", 0.85), norm_tol=kw.get("norm_tol", 3.0),
-                                   history_weight=0.0, return_details=True)
+                                   damping=trust.damping, norm_tol=trust.norm_tol, history_weight=0.0,
+                                   return_details=True)
     cos = details.get("cos-to-anchor")
     cos = np.zeros(len(keys)) if cos is None else np.asarray(cos)
     # magnitude against the peer's own update (the median over 1-4 neighbours is no yardstick)
-    tol, own_norm = kw.get("norm_tol", 3.0), float(np.linalg.norm(own_delta))
+    tol, own_norm = trust.norm_tol, float(np.linalg.norm(own_delta))
     ratio = np.asarray(details["norms"]) / own_norm if own_norm > 0 else np.ones(len(keys))
-    threshold = kw.get("threshold", 0.5)
     return {k for k, sc, c, r in zip(keys, scores, cos, ratio)
-            if sc < threshold or c < OPPOSED_COSINE or not (1.0 / tol <= r <= tol)}
+            if sc < trust.threshold or c < OPPOSED_COSINE or not (1.0 / tol <= r <= tol)}
 
 
 def _numeric(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Scalar metrics for a reply; never a ``partition-id`` (the glue knows who a node is)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "partition-id"}
 
 
 def _reply(msg: Message, **records) -> Message:
@@ -195,7 +203,7 @@ def handle_gossip(msg: Message, context: Context, train_local) -> Message:
     meta = _meta(context)
     if phase == "train":
         model = _model(msg, context)
-        if _trust_on(context):
+        if _trust(context) is not None:
             context.state[START_KEY] = to_arrayrecord(model)
         local, metrics = _train(msg, context, train_local, model)
         n = float(metrics.get("num-examples", 1.0))
@@ -267,7 +275,7 @@ def handle_async(msg: Message, context: Context, train_local) -> Message:
         model = unflatten(peer_lib.async_merge(flatten(model), float(meta.get("num-examples", 1.0)), received, exponent), model)
     metrics: dict = {}
     if bool(cfg.get("train", True)):
-        if _trust_on(context):
+        if _trust(context) is not None:
             context.state[START_KEY] = to_arrayrecord(model)
         model, metrics = _train(msg, context, train_local, model)
         meta["num-examples"] = float(metrics.get("num-examples", 1.0))

@@ -1,141 +1,530 @@
-"""Run-config → typed ``Settings``, with one clear error line for any bad value.
+"""Run-config → typed ``Settings``: one frozen group per concern, one clear error line for any bad value.
 
 The defaults live in ``pyproject.toml`` ``[tool.flwr.app.config]``; users override them with
 ``flwr run . --run-config "key=value ..."`` (or ``fedledger run --run-config ...``).
+
+Every field of a group names its run-config key and a help line in its ``metadata``.
+``Settings.from_run_config`` turns each raw value (a TOML or CLI value) into the field's type,
+each group checks its own fields in ``__post_init__``, ``Settings.__post_init__`` checks the
+combinations across groups, and ``Settings.check_nodes`` the rules that need the node count.
+Every problem is a ``ConfigError`` whose ``key`` is the run-config key and whose message is one
+line: ``run-config lora-dropout=3 is not valid: must be in [0, 1)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import functools
+import math
 import os
+import re
 import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlparse
+
+from fedledger.clients.attacks import ALL_ATTACKS
 
 
 class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names the key and the fix."""
 
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
-CHOICES = {
-    "quantization": ("none", "4bit", "8bit"),
-    "dataset": ("chatterbot", "fortunes"),
-    "partitioner": ("natural", "dirichlet", "iid"),
-    "strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
-                 "fedtrimmedavg", "krum", "multikrum", "bulyan", "pagerank", "ring", "gossip", "async-gossip"),
-    "trust": ("none", "pagerank"),
-    "audit": ("none", "anvil", "eth-tester"),
+
+# ---------------------------------------------------------------------- allowed values
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DATASETS = ("chatterbot", "fortunes")
+PARTITIONERS = ("natural", "dirichlet", "iid")
+HUB_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
+                  "fedtrimmedavg", "krum", "multikrum", "bulyan", "pagerank")
+SERVERLESS_STRATEGIES = ("ring", "gossip", "async-gossip")
+STRATEGIES = HUB_STRATEGIES + SERVERLESS_STRATEGIES
+TRUST_MODES = ("none", "pagerank")
+TRUST_ANCHORS = ("auto", "reference", "pretrusted", "history", "median", "none")  # = strategies.pagerank.ANCHORS
+LEDGERS = ("none", "anvil", "eth-tester")
+ATTACKS = ("none", *ALL_ATTACKS)
+TOPOLOGIES = ("complete", "geometric")  # or a file
+RING_ORDERS = ("tsp", "naive", "random")
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_URL_SCHEMES = ("http", "https", "ws", "wss")
+
+
+# ---------------------------------------------------------------------- checks
+# A check takes a field's value and returns None when it is allowed, else what is allowed
+# (the tail of the error line, starting with ": " or "; ").
+Check = Callable[[object], "str | None"]
+
+
+def one_of(options: Sequence[str]) -> Check:
+    return lambda v: None if v in options else f"; choose one of: {', '.join(options)}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f": must be > {low:g}"
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f": must be >= {low:g}"
+
+
+def within(low: float, high: float, brackets: str = "[)") -> Check:
+    """``low <= v < high`` for ``"[)"``; ``(`` and ``]`` make that end open or closed."""
+    def check(v):
+        ok_low = v >= low if brackets[0] == "[" else v > low
+        ok_high = v <= high if brackets[1] == "]" else v < high
+        return None if ok_low and ok_high else f": must be in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+    return check
+
+
+def module_names(v) -> str | None:
+    ok = len(v) > 0 and all(all(part.isidentifier() for part in name.split(".")) for name in v)
+    return None if ok else ': must be a non-empty comma list of module names, e.g. "q_proj,v_proj"'
+
+
+def partition_ids(v) -> str | None:
+    ok = all(i >= 0 for i in v) and len(set(v)) == len(v)
+    return None if ok else ': must be comma-separated partition ids (whole numbers >= 0, each once), e.g. "0,3"'
+
+
+def address_or_empty(v) -> str | None:
+    return None if v == "" or _ADDRESS.fullmatch(v) else ': must be "" (deploy a new registry) or a 0x + 40 hex digit address'
+
+
+def node_url(v) -> str | None:
+    url = urlparse(v)
+    ok = url.scheme in _URL_SCHEMES and bool(url.netloc)
+    return None if ok else ": must be an http(s):// or ws(s):// URL, e.g. http://127.0.0.1:8545"
+
+
+def non_empty(v) -> str | None:
+    return None if v.strip() else ": must not be empty"
+
+
+# ---------------------------------------------------------------------- raw value -> field type
+@dataclass(frozen=True)
+class _Kind:
+    """How a field type is read from a raw run-config value, and what it accepts once built."""
+
+    parse: Callable[[object], object]  # raises ValueError/TypeError for a value it cannot read
+    accepts: Callable[[object], bool]
+    text: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_int(raw) -> int:
+    if _is_int(raw):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        return int(raw.strip())
+    raise TypeError
+
+
+def _parse_float(raw) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise TypeError
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError
+    return value
+
+
+def _parse_bool(raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+        return raw.strip().lower() == "true"
+    raise ValueError
+
+
+def _parse_str(raw) -> str:
+    if not isinstance(raw, str):
+        raise TypeError
+    return raw
+
+
+def _items(raw) -> list:
+    if isinstance(raw, str):
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    raise TypeError
+
+
+def _parse_ints(raw) -> tuple[int, ...]:
+    return (raw,) if _is_int(raw) else tuple(_parse_int(x) for x in _items(raw))
+
+
+def _parse_names(raw) -> tuple[str, ...]:
+    return tuple(_parse_str(x).strip() for x in _items(raw))
+
+
+def _parse_address(raw) -> str:
+    """``registry-address=0x5FbD...`` unquoted is a TOML hex integer: read it back as the address."""
+    return f"0x{raw:040x}" if _is_int(raw) and raw >= 0 else _parse_str(raw)
+
+
+_KINDS: dict[object, _Kind] = {
+    int: _Kind(_parse_int, _is_int, ": must be a whole number"),
+    float: _Kind(_parse_float, lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+                 ": must be a finite number"),
+    bool: _Kind(_parse_bool, lambda v: isinstance(v, bool), ": must be true or false"),
+    str: _Kind(_parse_str, lambda v: isinstance(v, str), ": must be a string"),
+    tuple[int, ...]: _Kind(_parse_ints, lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+                           ': must be comma-separated whole numbers, e.g. "0,3"'),
+    tuple[str, ...]: _Kind(_parse_names, lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+                           ': must be a comma-separated list, e.g. "q_proj,v_proj"'),
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: str = "smollm2"
-    model_cache: str = ""
-    quantization: str = "none"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
-    dataset: str = "chatterbot"
-    partitioner: str = "natural"
-    dirichlet_alpha: float = 0.5
-    heldout_fraction: float = 0.1
-    max_length: int = 128
-    batch_size: int = 8
-    local_steps: int = 4
-    learning_rate: float = 5e-4
-    eval_batches: int = 8
-    num_rounds: int = 3
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    strategy: str = "fedavg"
-    trust: str = "none"
-    audit: str = "none"
-    rpc_url: str = "http://127.0.0.1:8545"
-    registry_address: str = ""
-    run_dir: str = "runs"
-    seed: int = 42
-    attack: str = "none"
-    malicious: str = ""
-    extra: dict = field(default_factory=dict)  # keys for plug-ins (topology, gossip-k, trust-*...)
+def _as_raw(value):
+    """A field value as it is written in the run-config (tuples as comma strings)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
-    # ------------------------------------------------------------------ parsing
+
+def _shown(value) -> str:
+    """A value as an error line shows it: ``'0,3'``, ``'signflip'``, ``3`` (not ``3.0``)."""
+    value = _as_raw(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    return repr(value)
+
+
+def _invalid(key: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"run-config {key}={_shown(value)} is not valid{allowed}", key)
+
+
+# ---------------------------------------------------------------------- groups
+def setting(key: str, default, help: str, *checks: Check, parse: Callable | None = None):
+    """A group field: its run-config ``key``, default, ``help`` line, checks and (rarely) own parser."""
+    return field(default=default, metadata={"key": key, "help": help, "checks": checks, "parse": parse})
+
+
+class _Group:
+    """What every settings group shares: run-config keys in, checked in ``__post_init__``, keys out."""
+
+    def __post_init__(self):
+        hints = _hints(type(self))
+        for f in fields(self):
+            key, value = f.metadata["key"], getattr(self, f.name)
+            kind = _KINDS[hints[f.name]]
+            if not kind.accepts(value):
+                raise _invalid(key, value, kind.text)
+            for check in f.metadata["checks"]:
+                allowed = check(value)
+                if allowed is not None:
+                    raise _invalid(key, value, allowed)
+
     @classmethod
-    def from_run_config(cls, run_config: dict) -> "Settings":
-        known = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "extra"}
-        values, extra = {}, {}
-        for key, raw in dict(run_config).items():
-            f = known.get(key)
-            if f is None:
-                extra[key] = raw
-                continue
-            values[f.name] = _coerce(key, raw, f.type)
-        settings = cls(**values, extra=extra)
-        settings.validate()
-        return settings
+    def from_run_config(cls, run_config: Mapping):
+        hints, values = _hints(cls), {}
+        for f in fields(cls):
+            key = f.metadata["key"]
+            if key in run_config:
+                values[f.name] = _coerce(key, run_config[key], f.metadata["parse"] or _KINDS[hints[f.name]].parse,
+                                         _KINDS[hints[f.name]].text)
+        return cls(**values)
 
-    def validate(self) -> None:
-        for key, options in CHOICES.items():
-            value = getattr(self, key.replace("-", "_"))
-            if value not in options:
-                raise ConfigError(f"run-config {key}={value!r} is not valid; choose one of: {', '.join(options)}")
-        positive = ("lora_r", "max_length", "batch_size", "local_steps", "num_rounds", "eval_batches")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"run-config {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"run-config heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError(f"run-config fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"run-config learning-rate must be > 0, got {self.learning_rate}")
-        try:
-            self.malicious_ids()
-        except ValueError:
-            raise ConfigError(f"run-config malicious={self.malicious!r} must be comma-separated partition ids, e.g. \"0,3\"") from None
-        if self.malicious_ids() and self.attack == "none":
-            raise ConfigError("run-config malicious is set but attack=none; set attack=<name> too")
+    def to_run_config(self) -> dict:
+        return {f.metadata["key"]: _as_raw(getattr(self, f.name)) for f in fields(self)}
 
-    # ------------------------------------------------------------------ helpers
-    def malicious_ids(self) -> list[int]:
-        return [int(x) for x in str(self.malicious).replace(" ", "").split(",") if x != ""]
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, raw, parse: Callable, text: str):
+    try:
+        return parse(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise _invalid(key, raw, text) from None
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Group):
+    """The base model and its LoRA adapter."""
+
+    name: str = setting("model", "smollm2", '"smollm2", "tiny" (tests), a local HF model folder or a hub id', non_empty)
+    cache: str = setting("model-cache", "", 'where converted models are kept; "" = ~/.cache/fedledger')
+    quantization: str = setting("quantization", "none", "QLoRA base weights via bitsandbytes", one_of(QUANTIZATIONS))
+    lora_r: int = setting("lora-r", 8, "LoRA rank", above(0))
+    lora_alpha: float = setting("lora-alpha", 16.0, "LoRA scaling numerator (scale = alpha / r)", above(0))
+    lora_dropout: float = setting("lora-dropout", 0.05, "dropout on the LoRA input", within(0, 1, "[)"))
+    lora_targets: tuple[str, ...] = setting("lora-targets", ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            "comma-separated module names that get an adapter", module_names)
 
     def cache_dir(self) -> str | None:
-        return os.path.expanduser(self.model_cache) if self.model_cache else None
+        return os.path.expanduser(self.cache) if self.cache else None
 
-    def get(self, key: str, default=None):
-        """A plug-in key (not a Settings field), e.g. ``get("topology", "complete")``."""
-        return self.extra.get(key, default)
+
+@dataclass(frozen=True)
+class DataSettings(_Group):
+    """The corpus and how it is split across nodes."""
+
+    dataset: str = setting("dataset", "chatterbot", "corpus shipped in a package", one_of(DATASETS))
+    partitioner: str = setting("partitioner", "natural", "natural = one category group per node", one_of(PARTITIONERS))
+    dirichlet_alpha: float = setting("dirichlet-alpha", 0.5, "Dirichlet concentration (partitioner=dirichlet)", above(0))
+    heldout_fraction: float = setting("heldout-fraction", 0.1, "share of the corpus held out for evaluation",
+                                      within(0, 1, "()"))
+    max_length: int = setting("max-length", 128, "tokens per example", at_least(1))
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Group):
+    """Local training on each node."""
+
+    batch_size: int = setting("batch-size", 8, "examples per local step", at_least(1))
+    local_steps: int = setting("local-steps", 4, "AdamW steps per round on each node", at_least(1))
+    learning_rate: float = setting("learning-rate", 5e-4, "local AdamW learning rate", above(0))
+    eval_batches: int = setting("eval-batches", 8, "batches of each evaluation", at_least(1))
+
+
+@dataclass(frozen=True)
+class StrategySettings(_Group):
+    """The aggregation rule (hub strategies) or the serverless exchange."""
+
+    name: str = setting("strategy", "fedavg", "aggregation rule or serverless exchange", one_of(STRATEGIES))
+    num_rounds: int = setting("num-rounds", 3, "federated rounds", at_least(1))
+    fraction_train: float = setting("fraction-train", 1.0, "share of nodes sampled to train each round",
+                                    within(0, 1, "(]"))
+    fraction_evaluate: float = setting("fraction-evaluate", 0.0, "share of nodes sampled to evaluate each round",
+                                       within(0, 1, "[]"))
+    num_malicious: int = setting("num-malicious", -1, "f for Krum/MultiKrum/Bulyan; -1 = the number of malicious ids",
+                                 at_least(-1))
+    proximal_mu: float = setting("proximal-mu", 0.01, "FedProx proximal term", at_least(0))
+    server_lr: float = setting("server-lr", 0.01, "FedAdam/FedYogi/FedAdagrad server learning rate (eta)", above(0))
+    server_momentum: float = setting("server-momentum", 0.9, "FedAvgM server momentum", within(0, 1, "[)"))
+    trim_beta: float = setting("trim-beta", 0.2, "FedTrimmedAvg: share trimmed at each end", within(0, 0.5, "[)"))
+    max_num_examples: int = setting("max-num-examples", 0,
+                                    "largest num-examples a train reply may claim; 0 = the training-set size",
+                                    at_least(0))
+
+    def f(self, malicious: Sequence[int]) -> int:
+        """The number of Byzantine nodes Krum/MultiKrum/Bulyan assume (-1: the malicious ids)."""
+        return self.num_malicious if self.num_malicious >= 0 else len(malicious)
+
+
+@dataclass(frozen=True)
+class TrustSettings(_Group):
+    """PageRank trust (``trust="pagerank"`` or ``strategy="pagerank"``; see strategies/pagerank.py)."""
+
+    mode: str = setting("trust", "none", "pagerank = score updates and drop the distrusted ones", one_of(TRUST_MODES))
+    threshold: float = setting("trust-threshold", 0.5, "exclude nodes whose trust (client mean = 1) is below this",
+                               at_least(0))
+    damping: float = setting("trust-damping", 0.85, "PageRank damping factor", within(0, 1, "()"))
+    norm_tol: float = setting("trust-norm-tol", 3.0, "norm ratio to the median (or reference) allowed before trust drops",
+                              at_least(1))
+    history_weight: float = setting("trust-history-weight", 0.3, "weight of earlier rounds' trust",
+                                    within(0, 1, "[)"))
+    anchor: str = setting("trust-anchor", "auto", "where PageRank teleports to", one_of(TRUST_ANCHORS))
+    clip: bool = setting("trust-clip", True, "clip each update to the reference norm before weighting")
+    pretrusted: tuple[int, ...] = setting("trust-pretrusted", (), "comma-separated partition ids trusted a priori",
+                                          partition_ids)
+
+
+@dataclass(frozen=True)
+class TopologySettings(_Group):
+    """The simulated network (serverless exchanges and the hub's network accounting)."""
+
+    topology: str = setting("topology", "complete", '"complete", "geometric" or a JSON/edge-list file', non_empty)
+    gossip_k: int = setting("gossip-k", 2, "peers each gossip node sends to per step", at_least(1))
+    gossip_steps: int = setting("gossip-steps", 1, "gossip mixing steps per round", at_least(1))
+    ring_order: str = setting("ring-order", "tsp", "order of the ring all-reduce", one_of(RING_ORDERS))
+    link_latency: float = setting("link-latency", 0.02, "seconds per link", at_least(0))
+    link_bandwidth: float = setting("link-bandwidth", 12500000.0, "bytes/s per link", above(0))
+    speed_heterogeneity: float = setting("speed-heterogeneity", 0.0, "log-normal sd of peer compute speeds",
+                                         at_least(0))
+    step_seconds: float = setting("step-seconds", 1.0, "simulated seconds of one local step at speed 1", above(0))
+    staleness_exponent: float = setting("staleness-exponent", 0.5, "async-gossip: weight of a stale model decays as "
+                                        "(1 + staleness) ** -exponent", at_least(0))
+
+
+@dataclass(frozen=True)
+class AuditSettings(_Group):
+    """The Ethereum audit ledger."""
+
+    ledger: str = setting("audit", "none", "record every round on a chain", one_of(LEDGERS))
+    rpc_url: str = setting("rpc-url", "http://127.0.0.1:8545", "the node's JSON-RPC endpoint (audit=anvil)", node_url)
+    registry_address: str = setting("registry-address", "", '"" = deploy a new registry for this run',
+                                    address_or_empty, parse=_parse_address)
+    chain_id: int = setting("chain-id", 0, "expected chain id; 0 = whatever the node reports (recorded)", at_least(0))
+    aggregator_key_file: str = setting("aggregator-key-file", "", 'the server\'s signing key; "" = '
+                                       "$FEDLEDGER_AGGREGATOR_KEY, else the node's first unlocked account (devnets)")
+
+
+@dataclass(frozen=True)
+class AttackSettings(_Group):
+    """Simulated attackers (also the detection ground truth)."""
+
+    name: str = setting("attack", "none", "what the malicious nodes do", one_of(ATTACKS))
+    malicious: tuple[int, ...] = setting("malicious", (), "comma-separated partition ids that run the attack",
+                                         partition_ids)
+
+
+@dataclass(frozen=True)
+class RunSettings(_Group):
+    """Where results go and the run's seed."""
+
+    run_dir: str = setting("run-dir", "runs", "folder for each run's results", non_empty)
+    seed: int = setting("seed", 42, "seed of model init, data splits and training")
+
+
+# ---------------------------------------------------------------------- the whole run
+@dataclass(frozen=True)
+class Settings:
+    """Every run-config key, typed and checked, grouped by concern."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    trust: TrustSettings = field(default_factory=TrustSettings)
+    topology: TopologySettings = field(default_factory=TopologySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self):
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), _hints(Settings)[f.name]):
+                raise TypeError(f"Settings.{f.name} must be a {_hints(Settings)[f.name].__name__}")
+        self._check_attack()
+        self._check_audit()
+        self._check_trust()
+
+    # ------------------------------------------------------------------ combinations
+    def _check_attack(self) -> None:
+        a = self.attack
+        if a.malicious and a.name == "none":
+            raise ConfigError(f"run-config malicious={_shown(a.malicious)} is set but attack='none'; set attack "
+                              f"to one of: {', '.join(ALL_ATTACKS)} (or leave malicious empty)", "malicious")
+        if a.name != "none" and not a.malicious:
+            raise ConfigError(f"run-config attack={a.name!r} is set but malicious is empty; list the attacking "
+                              'partition ids, e.g. malicious="0,3" (or set attack=\'none\')', "attack")
+
+    def _check_audit(self) -> None:
+        if self.audit.ledger != "none" and self.serverless:
+            raise ConfigError(f"run-config audit={self.audit.ledger!r}: audit is not available with "
+                              f"strategy={self.strategy.name!r}: the relay has no aggregate to record; use a hub "
+                              "strategy (fedavg, krum, ...) or audit='none'", "audit")
+
+    def _check_trust(self) -> None:
+        t = self.trust
+        if t.mode == "pagerank" and self.strategy.name == "ring":
+            raise ConfigError("run-config trust='pagerank' has no effect with strategy='ring': ring peers only see "
+                              "partial sums; use strategy=gossip or async-gossip for peer-side trust, or trust='none'",
+                              "trust")
+        if t.pretrusted and not self.uses_pagerank:
+            raise ConfigError(f"run-config trust-pretrusted={_shown(t.pretrusted)} has no effect with trust='none'; "
+                              "set trust='pagerank' (or strategy='pagerank') or leave trust-pretrusted empty",
+                              "trust-pretrusted")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_run_config(cls, run_config: Mapping, *, strict: bool = True, check_files: bool = True) -> Settings:
+        """Typed settings from a run-config (missing keys take the defaults of pyproject.toml).
+
+        ``strict``: an unknown key is an error naming the closest valid key. ``check_files``: the
+        files the run-config names (``topology``, ``aggregator-key-file``) must exist here; only
+        the server reads them, so nodes build with ``check_files=False`` (see ``cached``).
+        """
+        if strict:
+            _reject_unknown(run_config, cls.keys())
+        groups = {f.name: _hints(cls)[f.name].from_run_config(run_config) for f in fields(cls)}
+        settings = cls(**groups)
+        if check_files:
+            settings.check_files()
+        return settings
+
+    @classmethod
+    def cached(cls, run_config: Mapping, *, check_files: bool = False) -> Settings:
+        """``from_run_config`` built once per distinct run-config in this process (the ClientApp's
+        path, called for every message). Files are not checked by default: they are the server's."""
+        try:
+            key = frozenset((k, type(v), v) for k, v in run_config.items())
+        except TypeError:  # an unhashable value (e.g. a list): build it every time
+            return cls.from_run_config(run_config, check_files=check_files)
+        return _build_cached(cls, key, check_files)
+
+    @classmethod
+    def keys(cls) -> dict[str, tuple[str, str]]:
+        """Run-config key -> (group, field), e.g. ``"lora-r" -> ("model", "lora_r")``."""
+        return {g.metadata["key"]: (group.name, g.name)
+                for group in fields(cls) for g in fields(_hints(cls)[group.name])}
+
+    def to_run_config(self) -> dict:
+        """The flat run-config (pyproject key -> value); ``from_run_config`` reads it back equal."""
+        out = {}
+        for f in fields(self):
+            out.update(getattr(self, f.name).to_run_config())
+        return out
+
+    # ------------------------------------------------------------------ questions
+    @property
+    def serverless(self) -> bool:
+        """A relay-only exchange (ring, gossip, async-gossip): no server-side aggregate."""
+        return self.strategy.name in SERVERLESS_STRATEGIES
+
+    @property
+    def uses_pagerank(self) -> bool:
+        """PageRank trust runs (``trust="pagerank"`` or ``strategy="pagerank"``)."""
+        return self.trust.mode == "pagerank" or self.strategy.name == "pagerank"
 
     def model_key(self) -> tuple:
         """What identifies a loaded base model + LoRA layout (for per-process caches)."""
-        return (self.model, self.model_cache, self.quantization, self.lora_r, self.lora_alpha,
-                self.lora_dropout, self.lora_targets, self.seed)
+        return (self.model, self.run.seed)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        extra = d.pop("extra")
-        return {**{k.replace("_", "-"): v for k, v in d.items()}, **extra}
+    def check_files(self) -> None:
+        """The files the run-config names exist on this machine (the server's run-time check)."""
+        topo = self.topology.topology
+        if topo not in TOPOLOGIES and not os.path.isfile(os.path.expanduser(topo)):
+            raise _invalid("topology", topo, ": must be 'complete', 'geometric' or an existing JSON/edge-list file")
+        key_file = self.audit.aggregator_key_file
+        if key_file and not os.path.isfile(os.path.expanduser(key_file)):
+            raise _invalid("aggregator-key-file", key_file, ': must be "" or an existing key file')
+
+    def check_nodes(self, num_nodes: int) -> None:
+        """The rules that need the number of nodes (the ServerApp calls this once it knows it)."""
+        if num_nodes < 1:
+            raise ConfigError(f"a run needs at least one node, got {num_nodes}; start SuperNodes "
+                              "(or --num-supernodes N)", None)
+        for key, ids in (("malicious", self.attack.malicious), ("trust-pretrusted", self.trust.pretrusted)):
+            if ids and max(ids) >= num_nodes:
+                raise _invalid(key, ids, f" with {num_nodes} nodes: partition ids are 0..{num_nodes - 1}")
+        name, f = self.strategy.name, self.strategy.f(self.attack.malicious)
+        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name, 1)
+        if num_nodes < need:
+            rule = "n >= 4f + 3" if name == "bulyan" else "n > 2f + 2"
+            source = "the number of malicious ids" if self.strategy.num_malicious < 0 else "num-malicious"
+            raise ConfigError(f"run-config strategy={name!r} with f={f} ({source}) "
+                              f"needs at least {need} nodes ({rule}), got {num_nodes}; add nodes or lower "
+                              "num-malicious", "num-malicious")
 
 
-def _coerce(key: str, raw, typ):
-    typ = {"int": int, "float": float, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
-    try:
-        if typ is int:
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError
-            return int(raw)
-        if typ is float:
-            return float(raw)
-        if typ is str:
-            if isinstance(raw, bool):
-                return "none" if raw is False else str(raw).lower()
-            return str(raw)
-    except (TypeError, ValueError):
-        pass
-    raise ConfigError(f"run-config {key}={raw!r} is not a valid {typ.__name__}; e.g. --run-config \"{key}=...\"")
+@functools.lru_cache(maxsize=32)
+def _build_cached(cls, key: frozenset, check_files: bool) -> Settings:
+    return cls.from_run_config({k: v for k, _, v in key}, check_files=check_files)
 
 
+def _reject_unknown(run_config: Mapping, known: Mapping) -> None:
+    for key in run_config:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "the keys are those of [tool.flwr.app.config]"
+            raise ConfigError(f"run-config key {key!r} is not known; {hint} (see pyproject.toml)", str(key))
+
+
+# ---------------------------------------------------------------------- pyproject and CLI strings
 def pyproject_defaults(app_dir: str = ".") -> dict:
     """The ``[tool.flwr.app.config]`` table of an app folder's pyproject.toml."""
     path = os.path.join(app_dir, "pyproject.toml")

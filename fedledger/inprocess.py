@@ -6,8 +6,13 @@ no replacement for the simulation or deployment engines; those are tested separa
 
     grid = InProcessGrid(app, num_nodes=5, run_config=cfg)
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+    runner.run(grid, grid.node_of, arrays, num_rounds=3)          # serverless: partition -> node
 
-``drop`` holds node ids that do not reply (to test drop-outs).
+As in a real run, node ids are random 64-bit integers (seeded) with no relation to the
+partition a node holds: node config ``partition-id=i`` goes to the ``i``-th node created
+(``node_ids[i]``), and ``get_node_ids`` lists them in id order. ``partition_of`` /
+``node_of`` say which node holds which partition (for tests and benches; the ServerApp learns
+it from the nodes themselves). ``drop`` holds node ids that do not reply (to test drop-outs).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import traceback
 from collections.abc import Iterable
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -26,13 +32,15 @@ log = logging.getLogger("fedledger")
 class InProcessGrid(Grid):
     """Grid whose nodes are contexts of one ClientApp called in this process."""
 
-    def __init__(self, app, num_nodes: int, run_config: dict, run_id: int = 1, node_config_extra=None):
+    def __init__(self, app, num_nodes: int, run_config: dict, run_id: int = 1, node_config_extra=None, seed: int = 0):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, run_id
         self.app = app
         self.run_id = run_id
-        self.node_ids = list(range(1, num_nodes + 1))
+        self.node_ids = random_node_ids(num_nodes, seed)  # node_ids[i] holds partition i
+        self.partition_of = {nid: i for i, nid in enumerate(self.node_ids)}
+        self.node_of = {i: nid for i, nid in enumerate(self.node_ids)}
         self.contexts = {
             nid: Context(
                 run_id=run_id,
@@ -60,7 +68,7 @@ class InProcessGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
+        return sorted(self.node_ids)
 
     def get_nodes(self):
         return []
@@ -93,3 +101,14 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def random_node_ids(num_nodes: int, seed: int = 0) -> list[int]:
+    """``num_nodes`` distinct random unsigned 64-bit node ids (never 0 or 1, which Flower reserves)."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    while len(ids) < num_nodes:
+        nid = int(rng.integers(2, 2**64 - 1, dtype=np.uint64, endpoint=True))
+        if nid not in ids:
+            ids.append(nid)
+    return ids

@@ -1,114 +1,102 @@
-"""Run-config → a Flower strategy stack.
+"""Typed settings -> the round of a run: a ``RoundPipeline`` around one of Flower's strategies
+(hub modes), or a relay runner (serverless modes).
 
-    NetworkAccounting( ValidateUpdates( [OnChainAudit]( [PageRankTrust]( inner ) ) ) )
+    RoundPipeline(inner, trust=[PageRankScorer], trail=[LedgerTrail], identities=Roster,
+                  observers=[HubAccounting], max_examples=...)
 
-``inner`` is one of Flower's own strategies (FedAvg, FedProx, FedAdam, Krum, ...) or ours.
-Serverless exchanges (ring, gossip, async-gossip) run their own relay loop and are returned
-as they are (peers validate what they merge).
+``inner`` is one of Flower's own strategies (FedAvg, FedProx, FedAdam, Krum, ...);
+``strategy="pagerank"`` is FedAvg weighted by trust x num-examples. The stages are explicit
+arguments, so their order is the pipeline's (``core/pipeline.py``), never the order of wrappers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from flwr.serverapp.strategy import (
     Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 
-from fedledger.strategies.validation import ValidateUpdates
+from fedledger.core import Identities, Identity, RoundPipeline
 
-from .config import ConfigError, Settings
-
-SERVERLESS = ("ring", "gossip", "async-gossip")
+from .config import Settings
 
 
 def _common(settings: Settings, num_nodes: int) -> dict:
+    s = settings.strategy
     return {
-        "fraction_train": settings.fraction_train,
-        "fraction_evaluate": settings.fraction_evaluate,
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
         "min_train_nodes": 1,
-        "min_evaluate_nodes": 1 if settings.fraction_evaluate > 0 else 0,
+        "min_evaluate_nodes": 1 if s.fraction_evaluate > 0 else 0,
         "min_available_nodes": max(1, num_nodes),
     }
 
 
 def build_inner(settings: Settings, num_nodes: int) -> Strategy:
-    """One of Flower's strategies (or PageRankTrust) configured from run-config."""
+    """One of Flower's strategies, configured from the typed settings."""
+    s = settings.strategy
     kw = _common(settings, num_nodes)
-    f = int(settings.get("num-malicious", -1))
-    if f < 0:
-        f = len(settings.malicious_ids())
-    name = settings.strategy
-    if name == "fedavg":
-        return FedAvg(**kw)
-    if name == "fedprox":
-        return FedProx(proximal_mu=float(settings.get("proximal-mu", 0.01)), **kw)
-    if name in ("fedadam", "fedyogi", "fedadagrad"):
-        cls = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[name]
-        return cls(eta=float(settings.get("server-lr", 1e-2)), **kw)
-    if name == "fedavgm":
-        return FedAvgM(server_momentum=float(settings.get("server-momentum", 0.9)), **kw)
-    if name == "fedmedian":
-        return FedMedian(**kw)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=float(settings.get("trim-beta", 0.2)), **kw)
-    if name == "krum":
-        return Krum(num_malicious_nodes=f, **kw)
-    if name == "multikrum":
-        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=max(1, num_nodes - f), **kw)
-    if name == "bulyan":
-        return Bulyan(num_malicious_nodes=f, **kw)
-    if name == "pagerank":
-        from fedledger.strategies.pagerank import PageRankTrust
-
-        return PageRankTrust(**_pagerank_kwargs(settings), **kw)
-    raise ConfigError(f"strategy {name!r} is not a server-side strategy")
+    f = s.num_malicious if s.num_malicious >= 0 else len(settings.attack.malicious)
+    builders: dict[str, Callable[[], Strategy]] = {
+        "fedavg": lambda: FedAvg(**kw),
+        "pagerank": lambda: FedAvg(**kw),
+        "fedprox": lambda: FedProx(proximal_mu=s.proximal_mu, **kw),
+        "fedadam": lambda: FedAdam(eta=s.server_lr, **kw),
+        "fedyogi": lambda: FedYogi(eta=s.server_lr, **kw),
+        "fedadagrad": lambda: FedAdagrad(eta=s.server_lr, **kw),
+        "fedavgm": lambda: FedAvgM(server_momentum=s.server_momentum, **kw),
+        "fedmedian": lambda: FedMedian(**kw),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=s.trim_beta, **kw),
+        "krum": lambda: Krum(num_malicious_nodes=f, **kw),
+        "multikrum": lambda: MultiKrum(num_malicious_nodes=f, num_nodes_to_select=max(1, num_nodes - f), **kw),
+        "bulyan": lambda: Bulyan(num_malicious_nodes=f, **kw),
+    }
+    return builders[s.name]()
 
 
-def _pagerank_kwargs(settings: Settings) -> dict:
-    """``trust-*`` run-config keys (and ``malicious`` as detection ground truth) -> PageRankTrust."""
-    from fedledger.strategies.pagerank import pagerank_kwargs_from_config
+def build_trust(settings: Settings, reference_fn=None):
+    """The PageRank trust stage when ``trust="pagerank"`` or ``strategy="pagerank"``, else None."""
+    if settings.trust.mode != "pagerank" and settings.strategy.name != "pagerank":
+        return None
+    from fedledger.strategies.pagerank import PageRankScorer
 
-    try:
-        return pagerank_kwargs_from_config(settings.to_dict())
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def build_strategy(settings: Settings, num_nodes: int, reference_fn=None, audit=None) -> Strategy:
-    """The full stack for a run. ``audit`` is a callable ``strategy -> wrapped strategy``."""
-    if settings.strategy in SERVERLESS:
-        from fedledger.strategies.serverless import build_serverless_strategy
-        from fedledger.strategies.topology import TopologyError
-
-        try:
-            return build_serverless_strategy(settings.strategy, settings.to_dict(), num_nodes)
-        except TopologyError:
-            raise
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    strategy = build_inner(settings, num_nodes)
-    if settings.trust == "pagerank" and settings.strategy != "pagerank":
-        from fedledger.strategies.pagerank import PageRankTrust
-
-        strategy = PageRankTrust(inner=strategy, reference_fn=reference_fn, **_pagerank_kwargs(settings))
-    elif settings.strategy == "pagerank" and reference_fn is not None:
-        strategy.reference_fn = reference_fn
-    if audit is not None:
-        strategy = audit(strategy)
-    return _network_accounting(ValidateUpdates(strategy), settings, num_nodes)
+    t = settings.trust
+    return PageRankScorer(reference_fn=reference_fn, threshold=t.threshold, pretrusted=t.pretrusted or None,
+                          damping=t.damping, norm_tol=t.norm_tol, history_weight=t.history_weight, anchor=t.anchor,
+                          clip=t.clip, reweight=settings.strategy.name == "pagerank")
 
 
-def _network_accounting(strategy: Strategy, settings: Settings, num_nodes: int) -> Strategy:
-    """Per-round bytes per peer and link, simulated network + compute time and wall time of the
-    hub exchange on the run's network model (run-config ``topology``, ``link-*``,
-    ``speed-heterogeneity``, ``step-seconds``): the same accounting the serverless modes report,
-    so ``metrics.json`` compares them on one model (key ``exchange``)."""
+def build_topology(settings: Settings, num_nodes: int):
     from fedledger.strategies import topology as topo_lib
-    from fedledger.strategies.serverless import NetworkAccounting
 
-    rc = settings.to_dict()
-    topology = topo_lib.build(str(rc.get("topology", "complete")), max(1, num_nodes), seed=settings.seed,
-                              latency=float(rc.get("link-latency", topo_lib.DEFAULT_LATENCY)),
-                              bandwidth=float(rc.get("link-bandwidth", topo_lib.DEFAULT_BANDWIDTH)),
-                              heterogeneity=float(rc.get("speed-heterogeneity", 0.0)))
-    return NetworkAccounting(strategy, topology, local_steps=settings.local_steps,
-                             step_seconds=float(rc.get("step-seconds", 1.0)))
+    t = settings.topology
+    return topo_lib.build(t.topology, max(1, num_nodes), seed=settings.run.seed, latency=t.link_latency,
+                          bandwidth=t.link_bandwidth, heterogeneity=t.speed_heterogeneity)
+
+
+def build_pipeline(settings: Settings, num_nodes: int, *, identities: Identities, trail=None, reference_fn=None,
+                   max_examples: int | None = None) -> RoundPipeline:
+    """The hub round of a run (see the module docstring)."""
+    from fedledger.strategies.accounting import HubAccounting
+
+    def peer_of(node_id: int) -> int | None:
+        ident = identities.resolve(node_id) or Identity(node_id)
+        return ident.partition
+
+    accounting = HubAccounting(build_topology(settings, num_nodes), local_steps=settings.train.local_steps,
+                               step_seconds=settings.topology.step_seconds, peer_of=peer_of)
+    return RoundPipeline(build_inner(settings, num_nodes), trust=build_trust(settings, reference_fn), trail=trail,
+                         identities=identities, observers=[accounting], max_examples=max_examples)
+
+
+def build_relay(settings: Settings, num_nodes: int):
+    """The relay runner of a serverless run (``ring`` | ``gossip`` | ``async-gossip``)."""
+    from fedledger.strategies.relay import build_relay as build
+
+    t = settings.topology
+    return build(settings.strategy.name, topology=build_topology(settings, num_nodes),
+                 local_steps=settings.train.local_steps, step_seconds=t.step_seconds, seed=settings.run.seed,
+                 latency=t.link_latency, bandwidth=t.link_bandwidth, heterogeneity=t.speed_heterogeneity,
+                 gossip_k=t.gossip_k, gossip_steps=t.gossip_steps, ring_order=t.ring_order,
+                 staleness_exponent=t.staleness_exponent)

@@ -24,12 +24,13 @@ class Task:
     def __init__(self, settings: Settings, num_partitions: int):
         self.settings = settings
         self.num_partitions = num_partitions
-        base, self.tokenizer = model_lib.load_model(settings.model, settings.cache_dir(), settings.quantization, seed=settings.seed)
-        self.model = model_lib.add_lora(base, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets, seed=settings.seed)
+        m, data, seed = settings.model, settings.data, settings.run.seed
+        base, self.tokenizer = model_lib.load_model(m.name, m.cache_dir(), m.quantization, seed=seed)
+        self.model = model_lib.add_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_targets, seed=seed)
         self.initial_adapter = model_lib.get_adapter(self.model)
         self.splits = data_lib.federated_splits(
-            settings.dataset, num_partitions, settings.partitioner, settings.seed,
-            heldout_fraction=settings.heldout_fraction, alpha=settings.dirichlet_alpha,
+            data.dataset, num_partitions, data.partitioner, seed,
+            heldout_fraction=data.heldout_fraction, alpha=data.dirichlet_alpha,
         )
         self._tokenized: dict = {}
 
@@ -51,8 +52,8 @@ class Task:
             if poisoned:
                 from fedledger.clients import attacks as attack_lib
 
-                records = attack_lib.poison_records(records, poisoned, seed=self.settings.seed + (partition_id or 0))
-            self._tokenized[key] = data_lib.tokenize(records, self.tokenizer, self.settings.max_length)
+                records = attack_lib.poison_records(records, poisoned, seed=self.settings.run.seed + (partition_id or 0))
+            self._tokenized[key] = data_lib.tokenize(records, self.tokenizer, self.settings.data.max_length)
         return self._tokenized[key]
 
     def categories(self, partition_id: int) -> frozenset:
@@ -66,8 +67,7 @@ class Task:
 
 def get_task(settings: Settings, num_partitions: int) -> Task:
     """The cached Task of this process for these settings (built on first use)."""
-    key = (settings.model_key(), settings.dataset, settings.partitioner, settings.dirichlet_alpha,
-           settings.heldout_fraction, settings.max_length, num_partitions)
+    key = (settings.model_key(), settings.data, num_partitions)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one model per process: a new setting replaces the old one

@@ -1,5 +1,7 @@
-"""Shared maths for every strategy: flattening adapters, weighted averages, Gram matrices and
-reply validation. One place for the hot loops, so they can be made fast once.
+"""Shared maths for every strategy: flattening adapters, weighted averages, Gram matrices, and
+the layout check serverless peers apply to a neighbour's model. One place for the hot loops,
+so they can be made fast once. (Server-side replies are decoded and validated once, in
+``fedledger.core.update``.)
 
 Adapters travel as Flower ``ArrayRecord`` objects (name -> fp32 array). Helpers here accept an
 ``ArrayRecord`` or a plain ``dict[str, np.ndarray]``.
@@ -7,17 +9,13 @@ Adapters travel as Flower ``ArrayRecord`` objects (name -> fp32 array). Helpers 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-log = logging.getLogger("fedledger")
-
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
+from fedledger.core.pipeline import to_record
+from fedledger.core.update import payload_nbytes
 
 
 def as_numpy_dict(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -29,9 +27,7 @@ def as_numpy_dict(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, n
 
 def to_arrayrecord(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Build an ArrayRecord that keeps the names (Flower's list form would lose them)."""
-    import torch
-
-    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return to_record(arrays)
 
 
 def layout(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
@@ -107,13 +103,8 @@ def array_nbytes(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> int:
 
 
 def message_nbytes(msg: Message) -> int:
-    """Bytes of every array carried by a message (the part that dominates traffic)."""
-    if msg.has_error():
-        return 0
-    total = 0
-    for rec in msg.content.array_records.values():
-        total += sum(a.numpy().nbytes for a in rec.values())
-    return int(total)
+    """Bytes of array data a message carries (serialised, counted without decoding)."""
+    return payload_nbytes(msg)
 
 
 def invalid_reason(
@@ -141,42 +132,6 @@ def invalid_reason(
         if not np.all(np.isfinite(v)):
             return f"NaN/Inf values in {name}"
     return None
-
-
-def reply_arrays(msg: Message, key: str = ARRAYS_KEY) -> ArrayRecord | None:
-    """The ArrayRecord of a reply, or None if the reply is an error or has none under ``key``."""
-    if msg.has_error():
-        return None
-    return msg.content.array_records.get(key)
-
-
-def num_examples(msg: Message, key: str = NUM_EXAMPLES_KEY) -> float:
-    """``num-examples`` from the reply's (single) MetricRecord, or 0 when absent."""
-    for rec in msg.content.metric_records.values():
-        if key in rec:
-            return float(rec[key])
-    return 0.0
-
-
-def filter_valid_replies(
-    replies: Iterable[Message], expected: Iterable[tuple[str, tuple[int, ...]]] | None, *, who: str = "strategy"
-) -> list[Message]:
-    """Drop replies that are errors, malformed or non-finite, logging a reason for each."""
-    expected = list(expected) if expected is not None else None
-    kept = []
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            log.warning("%s: dropped reply from node %s: error %s", who, node, msg.error.reason)
-            continue
-        reason = invalid_reason(reply_arrays(msg), expected)
-        if reason is None and num_examples(msg) <= 0:
-            reason = "missing or non-positive 'num-examples' metric"
-        if reason is not None:
-            log.warning("%s: rejected update from node %s: %s", who, node, reason)
-            continue
-        kept.append(msg)
-    return kept
 
 
 def gram_with_reference(vectors: np.ndarray, reference: np.ndarray | None = None):

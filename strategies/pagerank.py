@@ -2,8 +2,8 @@
 
 Every round:
 
-1. **Validate first.** Replies that are errors, have wrong keys/shapes, NaN/Inf or no positive
-   ``num-examples`` are rejected with a logged reason *before* any similarity is computed.
+1. **Validated first.** The round pipeline (``fedledger.core``) has already decoded and
+   validated every reply once; only well-formed updates are scored.
 2. **Deltas.** Each update is turned into its flattened LoRA delta ``d_i = local_i - global``
    (the global adapter sent this round). Why the flattened (A, B) delta and not the effective
    per-layer ``dW = B.A``: every client starts the round from the *same* (A, B), so parameter
@@ -26,20 +26,23 @@ Every round:
    ``min(1, tol*m/||d_i||, ||d_i||*tol/m)**2`` (``m`` = median client norm, ``tol`` = ``norm_tol``):
    a 10x-scaled update gets <= 0.09, a free rider (delta 0) gets 0. When aggregating, kept
    deltas are additionally clipped to the reference norm (or the median norm).
-6. **History.** Scores are smoothed over rounds per partition id:
+6. **History.** Scores are smoothed over rounds per client (``Identity.key``: the partition the
+   glue resolved for the node, never one a reply reports about itself):
    ``t = w * t_prev + (1 - w) * t_now`` (``history_weight``).
-7. **Decision.** Scores are normalised so that the client mean is 1 (uniform trust = 1); nodes
-   with a score below ``threshold`` are excluded. Kept nodes are weighted by trust x
-   num-examples (self-aggregating), or just filtered (and clipped) before the wrapped strategy.
+7. **Decision.** Scores are normalised so that the client mean is 1 (uniform trust = 1); clients
+   with a score below ``threshold`` are excluded. The result is a ``core.trust.TrustDecision``
+   (scores, excluded, clip norm, reweight); ``core.trust.apply_decision`` applies it, so the
+   auditor can apply the *recorded* decision to the recorded updates and recompute the aggregate.
 
-Usable two ways:
+Usable two ways (both are a ``RoundPipeline`` with a :class:`PageRankScorer` stage):
 
-    PageRankTrust()                         # aggregates itself (FedAvg-style configure/evaluate)
-    PageRankTrust(inner=Krum(...))          # filters/clips replies, then Krum aggregates
+    PageRankTrust()                         # FedAvg weighted by trust x num-examples
+    PageRankTrust(inner=Krum(...))          # filters/clips updates, then Krum aggregates
 
-Recorded per round: ``trust_history[round]`` (trust per partition id, excluded, rejected,
-cosine to the anchor, norm ratio) and ``detection[round]`` (precision/recall/F1 of the excluded
-set vs ``malicious``, the run-config ground truth, when given).
+Recorded per round in ``reports[round].trust``: scores, excluded, clip norm, anchor, cosine to
+the anchor, norm ratio. Detection against a ground truth is ``detection.detection_metrics``.
+What the audit checks of it: the aggregate follows from the recorded decision; the scores
+themselves are the aggregator's claim (recomputing them needs the server's reference update).
 
 ``trust_scores`` is the pure function behind it, for serverless peers scoring their neighbours.
 """
@@ -51,16 +54,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .detection import detection_metrics
-from .kernels import (
-    as_numpy_dict, flatten, gram_with_reference, invalid_reason, layout, num_examples, reply_arrays, stack,
-    to_arrayrecord, unflatten, weighted_average,
-)
-from .wrapper import StrategyWrapper
+from fedledger.core.pipeline import RoundPipeline
+from fedledger.core.trust import TrustDecision, flat
+from fedledger.core.update import Update
+
+from .kernels import flatten, gram_with_reference
 
 log = logging.getLogger("fedledger")
 
@@ -200,265 +201,139 @@ def trust_scores(
     return score, details
 
 
-def clip_deltas(x: np.ndarray, limit: float) -> np.ndarray:
-    """Scale rows of ``x`` down (in place) so none has an L2 norm above ``limit``."""
-    if limit <= 0 or not np.isfinite(limit):
-        return x
-    norms = np.linalg.norm(x, axis=1)
-    scale = np.minimum(1.0, limit / np.maximum(norms, 1e-12)).astype(np.float32)
-    x *= scale[:, None]
-    return x
+class PageRankScorer:
+    """The trust stage (``core.pipeline.TrustStage``): PageRank trust on the round's decoded updates.
 
-
-class PageRankTrust(StrategyWrapper):
-    """PageRank trust weighting; a strategy on its own or a filter in front of another one.
+    State: the smoothed score of every client, keyed by ``Identity.key`` (the partition the glue
+    resolved for the node, never a partition id a reply reports about itself).
 
     Parameters
     ----------
-    inner : Strategy, optional
-        Strategy to delegate to after filtering. None: aggregate here (trust x num-examples
-        weighted mean of clipped deltas) and use ``FedAvg(**strategy_kwargs)`` for the
-        configure/evaluate steps.
     reference_fn : callable ``(server_round, global_arrays) -> dict[str, ndarray] | None``
         Server reference adapter (trained on the root split from ``global_arrays``); its delta
         anchors trust. None or returning None: fall back to pre-trusted/history/median anchor.
     threshold : float
-        Exclude nodes whose normalised trust (client mean = 1) is below this (default 0.5).
-    malicious : iterable of partition ids, optional
-        Ground truth from the run-config, only for the ``detection`` record.
+        Exclude clients whose normalised trust (client mean = 1) is below this (default 0.5).
     pretrusted : iterable of partition ids, optional
-        Nodes the teleport vector favours when no reference update is available.
+        Clients the teleport vector favours when no reference update is available.
     damping, norm_tol, history_weight, anchor : see :func:`trust_scores`.
     clip : bool
-        Clip kept deltas to the reference norm (or the median norm) before aggregating or
-        handing replies to ``inner`` (default True).
-    reweight_inner : bool
-        With ``inner``: also multiply each kept reply's ``num-examples`` by its trust.
-    weight_by_examples : bool
-        Self-aggregating: weight = trust x num-examples (True) or trust alone.
-    **strategy_kwargs
-        Passed to FedAvg when ``inner`` is None (fraction_train, min_available_nodes, ...).
+        Clip kept deltas to the reference norm (or the median kept norm) before aggregating.
+    reweight : bool
+        Weight each kept update by trust x num-examples (instead of num-examples).
     """
 
-    def __init__(
-        self,
-        inner: Strategy | None = None,
-        *,
-        reference_fn: Callable[[int, ArrayRecord], Mapping[str, np.ndarray] | None] | None = None,
-        threshold: float = 0.5,
-        malicious: Iterable[int] | None = None,
-        pretrusted: Iterable[int] | None = None,
-        damping: float = 0.85,
-        norm_tol: float = 3.0,
-        history_weight: float = 0.3,
-        anchor: str = "auto",
-        clip: bool = True,
-        reweight_inner: bool = False,
-        weight_by_examples: bool = True,
-        **strategy_kwargs,
-    ) -> None:
-        self.aggregates_itself = inner is None
-        super().__init__(inner if inner is not None else FedAvg(**strategy_kwargs))
-        if inner is not None and strategy_kwargs:
-            raise TypeError(f"strategy arguments {sorted(strategy_kwargs)} only apply without inner=")
+    def __init__(self, *, reference_fn: Callable[[int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray] | None]
+                 | None = None, threshold: float = 0.5, pretrusted: Iterable[int] | None = None, damping: float = 0.85,
+                 norm_tol: float = 3.0, history_weight: float = 0.3, anchor: str = "auto", clip: bool = True,
+                 reweight: bool = False) -> None:
         if anchor not in ANCHORS:
             raise ValueError(f"anchor {anchor!r} is not valid; choose one of: {', '.join(ANCHORS)}")
+        if not 0 < damping < 1:
+            raise ValueError(f"damping must be in (0, 1), got {damping}")
+        if threshold < 0 or norm_tol < 1 or not 0 <= history_weight < 1:
+            raise ValueError("threshold must be >= 0, norm_tol >= 1 and history_weight in [0, 1)")
         self.reference_fn = reference_fn
-        self.threshold = float(threshold)
-        self.malicious = sorted({int(m) for m in malicious}) if malicious is not None else None
-        self.pretrusted = sorted({int(p) for p in pretrusted}) if pretrusted is not None else None
-        self.damping, self.norm_tol, self.history_weight, self.anchor = damping, norm_tol, history_weight, anchor
-        self.clip, self.reweight_inner, self.weight_by_examples = clip, reweight_inner, weight_by_examples
-        self.global_arrays: dict[str, np.ndarray] | None = None
-        self.trust_state: dict[int, float] = {}
-        self.trust_history: dict[int, dict] = {}
-        self.detection: dict[int, dict] = {}
+        self.threshold, self.damping, self.norm_tol = float(threshold), float(damping), float(norm_tol)
+        self.history_weight, self.anchor, self.clip, self.reweight = float(history_weight), anchor, bool(clip), bool(reweight)
+        self.pretrusted = sorted({int(p) for p in pretrusted}) if pretrusted is not None else []
+        self.state: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ Strategy API
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.global_arrays = as_numpy_dict(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+    def describe(self) -> dict:
+        return {"name": "PageRankTrust", "threshold": self.threshold, "damping": self.damping,
+                "norm-tol": self.norm_tol, "history-weight": self.history_weight, "anchor": self.anchor,
+                "clip": self.clip, "reweight": self.reweight, "pretrusted": self.pretrusted,
+                "reference": self.reference_fn is not None}
 
-    def summary(self) -> None:
-        log.info("PageRankTrust(threshold=%s, anchor=%s, clip=%s) around %s", self.threshold, self.anchor,
-                 self.clip, type(self.inner).__name__)
-        self.inner.summary()
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        if self.global_arrays is None:  # aggregate_train without configure_train (tests, custom loops)
-            first = next((reply_arrays(m) for m in replies if reply_arrays(m) is not None), None)
-            if first is None:
-                return None, None
-            raise RuntimeError("PageRankTrust.aggregate_train needs configure_train first (the global adapter)")
-        expected = layout(self.global_arrays)
-        kept, rejected = self._validate(replies, expected)
-        record = {"trust": {}, "excluded": [], "rejected": rejected, "anchor": None}
-        self.trust_history[server_round] = record
-        participants = [self._pid(m) for m in replies if not m.has_error()]
-        if not kept:
-            log.warning("PageRankTrust round %s: no valid update; the global adapter is unchanged", server_round)
-            self._record_detection(server_round, [r["partition-id"] for r in rejected], participants)
-            return None, None
-
-        pids = [self._pid(m) for m in kept]
-        g = flatten(self.global_arrays)
-        x = stack([reply_arrays(m) for m in kept])
+    def decide(self, server_round: int, updates: Sequence[Update], global_arrays: Mapping[str, np.ndarray]
+               ) -> TrustDecision:
+        keys = [u.identity.key for u in updates]
+        names = list(global_arrays)
+        g = flat(global_arrays, names)
+        x = np.empty((len(updates), g.size), dtype=np.float32)
+        for i, u in enumerate(updates):
+            offset = 0
+            for n in names:
+                v = u.arrays[n]
+                x[i, offset:offset + v.size] = np.ravel(v)
+                offset += v.size
         x -= g[None, :]
-        ref = self._reference(server_round)
-        hist = np.array([self.trust_state.get(p, np.nan) for p in pids]) if self.trust_state else None
-        pre = [i for i, p in enumerate(pids) if self.pretrusted and p in self.pretrusted] or None
-        scores, det = trust_scores(
-            x, None if ref is None else ref - g, hist, pretrusted=pre, anchor=self.anchor, damping=self.damping,
-            norm_tol=self.norm_tol, history_weight=self.history_weight, return_details=True,
-        )
-        for p, s in zip(pids, scores):
-            self.trust_state[p] = float(s)
+        ref = self._reference(server_round, global_arrays)
+        hist = np.array([self.state.get(k, np.nan) for k in keys]) if self.state else None
+        pre = [i for i, u in enumerate(updates) if u.identity.partition in self.pretrusted] or None
+        scores, det = trust_scores(x, None if ref is None else ref - g, hist, pretrusted=pre, anchor=self.anchor,
+                                   damping=self.damping, norm_tol=self.norm_tol, history_weight=self.history_weight,
+                                   return_details=True)
+        for k, sc in zip(keys, scores):
+            self.state[k] = float(sc)
         keep = scores >= self.threshold
-        excluded = [p for p, k in zip(pids, keep) if not k]
-        record.update({
-            "trust": {str(p): float(s) for p, s in zip(pids, scores)},
-            "excluded": excluded,
-            "anchor": det.get("anchor"),
-            "norm-ratio": {str(p): float(r) for p, r in zip(pids, det["norm-ratio"])},
-            "cos-to-anchor": None if det.get("cos-to-anchor") is None else
-            {str(p): float(c) for p, c in zip(pids, det["cos-to-anchor"])},
-        })
+        excluded = tuple(k for k, ok in zip(keys, keep) if not ok)
+        clip_norm = None
+        if self.clip and keep.any():
+            clip_norm = det["reference-norm"] if det.get("reference-norm") else \
+                float(np.median(np.asarray(det["norms"])[keep]))
         if excluded:
-            log.info("PageRankTrust round %s: excluded partitions %s (trust %s)", server_round, excluded,
-                     [round(float(s), 3) for s, k in zip(scores, keep) if not k])
-        self._record_detection(server_round, excluded + [r["partition-id"] for r in rejected], participants)
+            log.info("PageRankTrust round %s: excluded %s (trust %s)", server_round, list(excluded),
+                     [round(float(sc), 3) for sc, ok in zip(scores, keep) if not ok])
         if not keep.any():
-            log.warning("PageRankTrust round %s: every update is below the trust threshold; global unchanged", server_round)
-            return None, None
+            log.warning("PageRankTrust round %s: every update is below the trust threshold", server_round)
+        cos = det.get("cos-to-anchor")
+        return TrustDecision(
+            scores={k: float(sc) for k, sc in zip(keys, scores)}, excluded=excluded, clip_norm=clip_norm,
+            reweight=self.reweight,
+            record={"anchor": det.get("anchor"),
+                    "norm-ratio": {k: float(r) for k, r in zip(keys, det["norm-ratio"])},
+                    "cos-to-anchor": None if cos is None else {k: float(c) for k, c in zip(keys, cos)}})
 
-        idx = np.flatnonzero(keep)
-        x = x[idx]
-        if self.clip:
-            limit = det["reference-norm"] if det.get("reference-norm") else float(np.median(np.linalg.norm(x, axis=1)))
-            clip_deltas(x, limit)
-        kept = [kept[i] for i in idx]
-        if self.aggregates_itself:
-            n_ex = np.array([num_examples(m) for m in kept])
-            weights = scores[idx] * (n_ex if self.weight_by_examples else 1.0)
-            new = g + weighted_average(x, weights)
-            metrics = self._metrics(kept, n_ex)
-            metrics["trust-excluded"] = len(excluded)
-            metrics["trust-rejected"] = len(rejected)
-            return to_arrayrecord(unflatten(new, self.global_arrays)), MetricRecord(metrics)
-        forwarded = []
-        for row, msg, s in zip(x, kept, scores[idx]):
-            if self.clip or self.reweight_inner:
-                content = RecordDict()
-                for key, rec in msg.content.items():
-                    content[key] = rec
-                akey = next(iter(msg.content.array_records))
-                if self.clip:
-                    content[akey] = to_arrayrecord(unflatten(g + row, self.global_arrays))
-                if self.reweight_inner:
-                    mkey = next(iter(msg.content.metric_records))
-                    mrec = dict(msg.content.metric_records[mkey])
-                    mrec["num-examples"] = float(mrec.get("num-examples", 1.0)) * float(s)
-                    content[mkey] = MetricRecord(mrec)
-                msg.content = content
-            forwarded.append(msg)
-        return self.inner.aggregate_train(server_round, forwarded)
-
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _pid(msg: Message) -> int:
-        """Partition id from the reply's metrics (experiments), else the node id."""
-        if not msg.has_error():
-            for rec in msg.content.metric_records.values():
-                if "partition-id" in rec:
-                    return int(rec["partition-id"])
-        return int(msg.metadata.src_node_id)
-
-    def _validate(self, replies: list[Message], expected) -> tuple[list[Message], list[dict]]:
-        kept, rejected = [], []
-        for msg in replies:
-            if msg.has_error():
-                log.warning("PageRankTrust: dropped reply from node %s: error %s", msg.metadata.src_node_id, msg.error.reason)
-                continue
-            reason = invalid_reason(reply_arrays(msg), expected)
-            if reason is None and num_examples(msg) <= 0:
-                reason = "missing or non-positive 'num-examples' metric"
-            if reason is not None:
-                log.warning("PageRankTrust: rejected update from node %s: %s", msg.metadata.src_node_id, reason)
-                rejected.append({"node-id": int(msg.metadata.src_node_id), "partition-id": self._pid(msg), "reason": reason})
-                continue
-            kept.append(msg)
-        return kept, rejected
-
-    def _reference(self, server_round: int) -> np.ndarray | None:
+    def _reference(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
         if self.reference_fn is None:
             return None
         try:
-            ref = self.reference_fn(server_round, to_arrayrecord(self.global_arrays))
-        except Exception as exc:  # a failing reference must not stop the round
+            ref = self.reference_fn(server_round, global_arrays)
+        except Exception as exc:  # noqa: BLE001  (a failing reference must not stop the round)
             log.warning("PageRankTrust: reference_fn failed (%s); trust falls back to other anchors", exc)
             return None
         if ref is None:
             return None
-        ref = as_numpy_dict(ref)
-        reason = invalid_reason(ref, layout(self.global_arrays))
-        if reason is not None:
-            log.warning("PageRankTrust: reference update ignored: %s", reason)
+        names = list(global_arrays)
+        if set(ref) != set(names) or any(np.shape(ref[n]) != np.shape(global_arrays[n]) for n in names):
+            log.warning("PageRankTrust: reference update ignored: its tensors differ from the global adapter's")
             return None
-        return flatten(ref)
-
-    def _record_detection(self, server_round: int, excluded: list[int], participants: list[int]) -> None:
-        if self.malicious is not None:
-            self.detection[server_round] = detection_metrics(excluded, self.malicious, participants)
-
-    @staticmethod
-    def _metrics(kept: list[Message], n_ex: np.ndarray) -> dict:
-        """Num-examples-weighted mean of every numeric metric (num-examples summed)."""
-        out: dict[str, float] = {}
-        total = float(n_ex.sum()) or 1.0
-        keys = set().union(*(set(rec) for m in kept for rec in m.content.metric_records.values()))
-        for key in sorted(keys):
-            vals = []
-            for m, n in zip(kept, n_ex):
-                for rec in m.content.metric_records.values():
-                    if key in rec and isinstance(rec[key], (int, float)):
-                        vals.append((float(rec[key]), n))
-            if not vals or key == "partition-id":
-                continue
-            out[key] = sum(v for v, _ in vals) if key == "num-examples" else sum(v * n for v, n in vals) / total
-        return out
+        vec = flat(ref, names)
+        if not np.isfinite(vec).all():
+            log.warning("PageRankTrust: reference update ignored: NaN/Inf values")
+            return None
+        return vec
 
 
-#: run-config keys read by :func:`pagerank_kwargs_from_config` -> constructor argument
-RUN_CONFIG_KEYS = {
-    "trust-threshold": ("threshold", float),
-    "trust-damping": ("damping", float),
-    "trust-norm-tol": ("norm_tol", float),
-    "trust-history-weight": ("history_weight", float),
-    "trust-anchor": ("anchor", str),
-    "trust-clip": ("clip", lambda v: str(v).lower() not in ("false", "0", "no", "none")),
-    "trust-pretrusted": ("pretrusted", lambda v: [int(x) for x in str(v).replace(" ", "").split(",") if x != ""]),
-}
+class PageRankTrust(RoundPipeline):
+    """PageRank trust in front of any Flower strategy (or aggregating itself).
 
+        PageRankTrust(Krum(num_malicious_nodes=1))     # filter + clip, then Krum aggregates
+        PageRankTrust(min_available_nodes=4)           # FedAvg weighted by trust x num-examples
 
-def pagerank_kwargs_from_config(run_config: Mapping, *, with_ground_truth: bool = True) -> dict:
-    """``PageRankTrust`` keyword arguments from run-config keys (``trust-*``, ``malicious``).
+    A :class:`fedledger.core.RoundPipeline` with a :class:`PageRankScorer`: replies are decoded
+    and validated once, scored, filtered and clipped (``core.trust.apply_decision``), then
+    aggregated by ``inner``. Each round's ``reports[round].trust`` holds the scores; stacking it
+    with ``OnChainAudit`` (in either order) gives one pipeline whose ledger record includes them.
 
-    ``malicious`` (comma-separated partition ids) becomes the ground truth for the detection
-    record only; it never influences trust. Raises ValueError naming the key for bad values.
+    Parameters
+    ----------
+    inner : Strategy, optional
+        Strategy that aggregates the kept updates. None: ``FedAvg(**strategy_kwargs)`` with
+        weights trust x num-examples (``reweight`` defaults to True then, False otherwise).
+    **scorer_args : see :class:`PageRankScorer` (reference_fn, threshold, pretrusted, damping,
+        norm_tol, history_weight, anchor, clip, reweight).
     """
-    out = {}
-    for key, (arg, conv) in RUN_CONFIG_KEYS.items():
-        if key in run_config:
-            try:
-                out[arg] = conv(run_config[key])
-            except (TypeError, ValueError):
-                raise ValueError(f"run-config {key}={run_config[key]!r} is not valid") from None
-    if "anchor" in out and out["anchor"] not in ANCHORS:
-        raise ValueError(f"run-config trust-anchor={out['anchor']!r} is not valid; choose one of: {', '.join(ANCHORS)}")
-    if with_ground_truth and str(run_config.get("malicious", "")).strip():
-        try:
-            out["malicious"] = [int(x) for x in str(run_config["malicious"]).replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            raise ValueError(f"run-config malicious={run_config['malicious']!r} must be comma-separated partition ids") from None
-    return out
+
+    def __init__(self, inner: Strategy | None = None, *, reference_fn=None, threshold: float = 0.5,
+                 pretrusted: Iterable[int] | None = None, damping: float = 0.85, norm_tol: float = 3.0,
+                 history_weight: float = 0.3, anchor: str = "auto", clip: bool = True, reweight: bool | None = None,
+                 max_examples: int | None = None, **strategy_kwargs) -> None:
+        if inner is not None and strategy_kwargs:
+            raise TypeError(f"strategy arguments {sorted(strategy_kwargs)} only apply without inner=")
+        self.scorer = PageRankScorer(reference_fn=reference_fn, threshold=threshold, pretrusted=pretrusted,
+                                     damping=damping, norm_tol=norm_tol, history_weight=history_weight, anchor=anchor,
+                                     clip=clip, reweight=(inner is None) if reweight is None else reweight)
+        super().__init__(inner if inner is not None else FedAvg(**strategy_kwargs), trust=self.scorer,
+                         max_examples=max_examples)

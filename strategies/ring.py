@@ -24,50 +24,48 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from . import topology as topo_lib
-from .kernels import array_nbytes, to_arrayrecord
+from .kernels import to_arrayrecord
 from .peer import chunk_bounds, ring_indices, vector_to_adapter
-from .serverless import RelayStrategy
+from .relay import RelayRun, RelayRunner, RoundOutcome
 
 log = logging.getLogger("fedledger")
 
+RING_ORDERS = ("tsp", "naive", "random")
 
-class RingAllReduce(RelayStrategy):
+
+class RingAllReduce(RelayRunner):
+    """Ring all-reduce relayed hop by hop (see module docstring); FedAvg exactly."""
+
     message_type = "train.ring"
     name = "ring"
 
     def __init__(self, order: str = "tsp", **kw):
         super().__init__(**kw)
-        if order not in ("tsp", "naive", "random"):
+        if order not in RING_ORDERS:
             raise ValueError(f"ring-order {order!r} is not 'tsp', 'naive' or 'random'")
         self.order_method = order
+
+    def begin(self, run: RelayRun) -> None:
         self._synced: set[int] = set()  # peers holding the last round's ring result
         self._last: ArrayRecord | None = None
 
-    def ring(self, peers, nbytes: float = 0.0) -> list[int]:
-        return topo_lib.ring_order(self.topology, self.order_method, seed=self.seed, nbytes=nbytes, nodes=peers)
+    def ring(self, run: RelayRun, peers, nbytes: float = 0.0) -> list[int]:
+        return topo_lib.ring_order(run.topology, self.order_method, seed=self.seed, nbytes=nbytes, nodes=peers)
 
-    def run_round(self, grid, server_round, initial_arrays, train_config, timeout):
-        cfg = {**dict(train_config), "server-round": server_round, "phase": "train"}
-        contents = {}
-        for p in self.topology.nodes:
-            c = RecordDict({"config": ConfigRecord(cfg)})
-            if p not in self._synced:  # first round, or a peer that missed the last ring
-                c["arrays"] = self._last if self._last is not None else initial_arrays
-            contents[p] = c
-        replies = self.send(grid, contents, server_round, timeout)
+    def run_round(self, run: RelayRun, server_round: int) -> RoundOutcome:
+        contents = self.train_contents(run, server_round, self._synced, self._last)
+        replies = run.relay.send(contents, server_round)
         metrics = self.mean_metrics(replies)
         alive = sorted(replies)
         if not alive:
-            return None, metrics, {"participants": [], "dropped": sorted(contents)}
-        nbytes = array_nbytes(initial_arrays)
+            return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(contents)})
+        nbytes = run.nbytes
         dropped, restarts = sorted(set(contents) - set(alive)), 0
-        phases, peer_sent = [], {}
+        phases = []
         while True:
-            order = self.ring(alive, nbytes / len(alive))
-            ok, vec, bad, step_phases, sent = self._all_reduce(grid, order, server_round, timeout)
+            order = self.ring(run, alive, nbytes / len(alive))
+            ok, vec, bad, step_phases = self._all_reduce(run, order, server_round)
             phases += step_phases
-            for p, b in sent.items():
-                peer_sent[p] = peer_sent.get(p, 0) + b
             if ok:
                 break
             restarts += 1
@@ -75,64 +73,40 @@ class RingAllReduce(RelayStrategy):
             alive = [p for p in alive if p not in bad]
             log.warning("ring: round %s: peers %s dropped mid-ring, re-forming over %s", server_round, bad, alive)
             if not alive:
-                return None, metrics, {"participants": [], "dropped": dropped}
-        acc = topo_lib._merge_phases(phases, self.compute_seconds(alive, self.steps_of(train_config)))
+                return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(set(dropped))})
+        acc = topo_lib._merge_phases(phases, run.compute_seconds(alive, self.step_seconds))
         entry = {"participants": alive, "dropped": sorted(set(dropped)), "restarts": restarts, "ring-order": order,
-                 "ring-cycle-latency": topo_lib.ring_cycle_latency(self.topology, order, nbytes / len(order)),
+                 "ring-cycle-latency": topo_lib.ring_cycle_latency(run.topology, order, nbytes / len(order)),
                  "adapter-bytes": nbytes, **self.accounting(acc)}
-        arrays = to_arrayrecord(vector_to_adapter(vec, self._layout_like))
+        arrays = to_arrayrecord(vector_to_adapter(vec, run.like))
         self._synced, self._last = set(alive), arrays
-        return arrays, metrics, entry
+        return RoundOutcome(arrays, metrics, entry)
 
-    def _all_reduce(self, grid, order, server_round, timeout):
+    def _all_reduce(self, run: RelayRun, order: list[int], server_round: int):
         """Run one reduce-scatter + all-gather over ``order``. Returns (ok, reduced vector,
-        peers to drop, phases, bytes sent per peer)."""
+        peers to drop, the network phases so far)."""
         n = len(order)
         total_steps = 2 * (n - 1)
         outputs: dict[int, ArrayRecord] = {}
-        phases, sent = [], {p: 0 for p in order}
+        phases = []
         reduced: dict[int, np.ndarray] = {}
         for s in range(total_steps + 1):
-            contents = {}
-            for pos, p in enumerate(order):
-                cfg = {"phase": "step", "ring-size": n, "reset": s == 0, "finish": s == total_steps,
-                       "server-round": server_round, "in-index": -1, "out-index": -1}
-                c = RecordDict()
-                if s > 0:
-                    _, recv, op = ring_indices(pos, n, s - 1)
-                    pred = order[(pos - 1) % n]
-                    cfg.update({"in-index": recv, "in-op": op, "in-from": pred})
-                    c["chunk"] = outputs[pred]
-                if s < total_steps:
-                    cfg["out-index"] = ring_indices(pos, n, s)[0]
-                elif n == 1:
-                    cfg["out-index"] = 0  # a lone peer hands its vector over for evaluation
-                c["config"] = ConfigRecord(cfg)
-                contents[p] = c
-            replies = self.send(grid, contents, server_round, timeout)
-            missing = [p for p in order if p not in replies]
-            rejected = []
-            for pos, p in enumerate(order):
-                r = replies.get(p)
-                if r is not None and float(r.content["metrics"].get("rejected", 0)) > 0:
-                    rejected.append(order[(pos - 1) % n])  # the predecessor sent garbage
-            bad = sorted(set(missing) | set(rejected))
+            replies = run.relay.send(self._step_contents(order, s, outputs, server_round), server_round)
+            bad = self._failed(order, replies)
             if bad:
-                return False, None, bad, phases, sent
+                return False, None, bad, phases
             new_outputs = {}
-            for pos, p in enumerate(order):
+            for p in order:
                 if s < total_steps or n == 1:
                     rec = replies[p].content.array_records.get("chunk")
                     if rec is None:
-                        return False, None, [p], phases, sent
+                        return False, None, [p], phases
                     new_outputs[p] = rec
             if s < total_steps:
                 transfers = []
                 for pos, p in enumerate(order):
-                    b = int(new_outputs[p]["chunk"].numpy().nbytes)
-                    sent[p] += b
-                    transfers.append((p, order[(pos + 1) % n], b))
-                phases.append(self.topology.phase(transfers))
+                    transfers.append((p, order[(pos + 1) % n], int(new_outputs[p]["chunk"].numpy().nbytes)))
+                phases.append(run.topology.phase(transfers))
                 if s == n - 1:  # first all-gather step: every fully reduced chunk passes the relay
                     for pos, p in enumerate(order):
                         reduced[ring_indices(pos, n, s)[0]] = new_outputs[p]["chunk"].numpy()
@@ -140,7 +114,42 @@ class RingAllReduce(RelayStrategy):
                 reduced[0] = new_outputs[order[0]]["chunk"].numpy()
             outputs = new_outputs
         vec = np.concatenate([reduced[i] for i in range(n)])
-        return True, vec, [], phases, sent
+        return True, vec, [], phases
+
+    @staticmethod
+    def _step_contents(order: list[int], s: int, outputs: dict[int, ArrayRecord], server_round: int
+                       ) -> dict[int, RecordDict]:
+        """Step ``s``: each peer merges the chunk its predecessor handed over at step ``s-1`` and
+        hands over its next one."""
+        n = len(order)
+        total_steps = 2 * (n - 1)
+        contents = {}
+        for pos, p in enumerate(order):
+            cfg = {"phase": "step", "ring-size": n, "reset": s == 0, "finish": s == total_steps,
+                   "server-round": server_round, "in-index": -1, "out-index": -1}
+            c = RecordDict()
+            if s > 0:
+                _, recv, op = ring_indices(pos, n, s - 1)
+                pred = order[(pos - 1) % n]
+                cfg.update({"in-index": recv, "in-op": op, "in-from": pred})
+                c["chunk"] = outputs[pred]
+            if s < total_steps:
+                cfg["out-index"] = ring_indices(pos, n, s)[0]
+            elif n == 1:
+                cfg["out-index"] = 0  # a lone peer hands its vector over for evaluation
+            c["config"] = ConfigRecord(cfg)
+            contents[p] = c
+        return contents
+
+    @staticmethod
+    def _failed(order: list[int], replies: dict) -> list[int]:
+        """Peers to route around: those that did not reply, and the predecessors of those that
+        rejected the chunk they were handed (the predecessor sent garbage)."""
+        n = len(order)
+        missing = [p for p in order if p not in replies]
+        rejected = [order[(pos - 1) % n] for pos, p in enumerate(order)
+                    if p in replies and float(replies[p].content["metrics"].get("rejected", 0)) > 0]
+        return sorted(set(missing) | set(rejected))
 
 
 def fedavg_reference(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -149,4 +158,4 @@ def fedavg_reference(vectors: list[np.ndarray], weights: list[float]) -> np.ndar
     return (np.stack(vectors).astype(np.float64) * (w / w.sum())[:, None]).sum(0)
 
 
-__all__ = ["RingAllReduce", "chunk_bounds", "fedavg_reference"]
+__all__ = ["RING_ORDERS", "RingAllReduce", "chunk_bounds", "fedavg_reference"]

@@ -49,7 +49,7 @@ class Topology:
             if "nic" not in data:
                 bws = [graph.edges[n, m]["bandwidth"] for m in graph.neighbors(n)]
                 data["nic"] = max(bws) if bws else DEFAULT_BANDWIDTH
-        self._paths: dict[tuple[int, int], list] = {}
+        self._paths: dict[tuple, object] = {}  # fastest paths, latency matrices, direct-link checks
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -99,6 +99,8 @@ class Topology:
         """Fastest path from u to v for a message of ``nbytes`` (cached per size class)."""
         if u == v:
             return [u]
+        if self.direct_is_fastest(nbytes):
+            return [u, v]
         key = (u, v, int(nbytes))
         if key not in self._paths:
             self._paths[key] = nx.dijkstra_path(
@@ -117,10 +119,30 @@ class Topology:
         key = ("matrix", int(nbytes))
         if key not in self._paths:
             nodes = self.nodes
-            w = lambda a, b, d: d["latency"] + nbytes / d["bandwidth"]  # noqa: E731
-            dist = dict(nx.all_pairs_dijkstra_path_length(self.graph, weight=w))
-            self._paths[key] = np.array([[dist[a][b] for b in nodes] for a in nodes], dtype=float)
+            if self.direct_is_fastest(nbytes):  # every entry is one link: O(N^2), no Dijkstra
+                index = {v: i for i, v in enumerate(nodes)}
+                m = np.zeros((len(nodes), len(nodes)), dtype=float)
+                for a, b, d in self.graph.edges(data=True):
+                    m[index[a], index[b]] = m[index[b], index[a]] = d["latency"] + nbytes / d["bandwidth"]
+                self._paths[key] = m
+            else:
+                w = lambda a, b, d: d["latency"] + nbytes / d["bandwidth"]  # noqa: E731
+                dist = dict(nx.all_pairs_dijkstra_path_length(self.graph, weight=w))
+                self._paths[key] = np.array([[dist[a][b] for b in nodes] for a in nodes], dtype=float)
         return self._paths[key].copy()
+
+    def direct_is_fastest(self, nbytes: float = 0.0) -> bool:
+        """Whether every pair of peers is linked and no relayed path can beat a direct link for a
+        message of ``nbytes``: true when the slowest link takes less than twice the fastest (any
+        path of two or more hops is then strictly slower than any single link). The fastest
+        path is then the link itself, found without a shortest-path search (complete graphs:
+        O(N^2) for all pairs instead of a Dijkstra per pair)."""
+        key = ("direct", float(nbytes))
+        if key not in self._paths:
+            g, n = self.graph, self.graph.number_of_nodes()
+            times = [d["latency"] + nbytes / d["bandwidth"] for _, _, d in g.edges(data=True)]
+            self._paths[key] = bool(n > 1 and g.number_of_edges() == n * (n - 1) // 2 and max(times) < 2 * min(times))
+        return self._paths[key]
 
     def centre(self, nbytes: float = 0.0) -> int:
         """The node whose worst fastest-path time to any other node is smallest."""

@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny model Task, message builders, and Flower's task identity."""
+"""Shared fixtures: a tiny model Task, Flower's task identity, a clean ``fedledger`` logger and
+cheap garbage collections. Reply builders live in ``tests/replies.py``."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 
 import numpy as np
@@ -24,26 +27,23 @@ def _flower_identity():
     yield
 
 
-def make_instruction(node_id: int, message_type: str = "train"):
-    from flwr.app import Message, RecordDict
+@pytest.fixture(autouse=True)
+def _fedledger_logger():
+    """A test that runs the ServerApp in-process installs its handler (propagate=False); put the
+    logger back so that later ``caplog`` tests still see its records."""
+    logger = logging.getLogger("fedledger")
+    saved = (logger.propagate, list(logger.handlers), logger.level)
+    yield
+    logger.propagate, logger.handlers[:], logger.level = saved[0], saved[1], saved[2]
 
-    return Message(RecordDict(), dst_node_id=node_id, message_type=message_type)
 
-
-def make_reply(arrays: dict | None, num_examples: float = 10, node_id: int = 1, metrics: dict | None = None, extra: dict | None = None):
-    """A train reply from ``node_id`` carrying ``arrays`` (None → no ArrayRecord)."""
-    from flwr.app import Message, MetricRecord, RecordDict
-
-    from fedledger.strategies.kernels import to_arrayrecord
-
-    content = RecordDict()
-    if arrays is not None:
-        content["arrays"] = to_arrayrecord(arrays)
-    content["metrics"] = MetricRecord({"num-examples": num_examples, **(metrics or {})})
-    for k, v in (extra or {}).items():
-        content[k] = v
-    reply = Message(content, reply_to=make_instruction(node_id))
-    return reply
+@pytest.fixture(autouse=True)
+def _young_garbage_only():
+    """Flower's Bulyan and FedTrimmedAvg call gc.collect() per record; freezing what earlier tests
+    left alive keeps each of those collections to this test's own objects."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 def random_adapter(seed: int = 0, shapes=(("a.lora_A.weight", (4, 8)), ("a.lora_B.weight", (8, 4)))):

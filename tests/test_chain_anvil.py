@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import time
 
-import numpy as np
 import pytest
+from eth_account import Account
 
-from fedledger.chain import devnet, signing
+from fedledger.chain import devnet
 from fedledger.chain.audit import audit_run
-from fedledger.chain.audit_strategy import build_audit
-from fedledger.chain.ledger import Ledger, LedgerError
+from fedledger.chain.audit_strategy import OnChainAudit, build_ledger, build_trail
+from fedledger.chain.ledger import KEY_ENV, KEY_PASSWORD_ENV, Ledger, LedgerError
+from fedledger.chain.store import ArtifactStore
 from fedledger.cli_chain import main as cli
 
+from .test_chain_audit import Federation
+
 RUN = 5
+ANVIL_DEV_KEY_0 = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"  # anvil's default, public
 ANVIL = devnet.find_anvil()
 needs_anvil = pytest.mark.skipif(ANVIL is None, reason="anvil binary missing: run bash scripts/install_chain_tools.sh")
 
@@ -31,7 +38,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def anvil(tmp_path):
+def anvil(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)  # the dev accounts write unless a test gives a key
     port = _free_port()
     state_dir = str(tmp_path / "devnet")
     info = devnet.start(port=port, state_dir=state_dir)
@@ -39,30 +47,21 @@ def anvil(tmp_path):
     devnet.stop(state_dir)
 
 
-def _rounds(strategy, rounds=2, clients=3):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+def _run(url: str, folder, fed: Federation, rounds: int = 2, **connect) -> OnChainAudit:
+    from flwr.serverapp.strategy import FedAvg
 
-    rng = np.random.default_rng(3)
-    for rnd in range(1, rounds + 1):
-        replies = []
-        for pid in range(clients):
-            arrays = {"x.lora_A": rng.standard_normal((4, 6)).astype(np.float32)}
-            audit = signing.audit_record(arrays, RUN, rnd, signing.simulation_account(pid))
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                  "metrics": MetricRecord({"num-examples": 3 + pid}), "audit": ConfigRecord(audit)})
-            replies.append(Message(content, reply_to=Message(RecordDict(), dst_node_id=10 + pid, message_type="train")))
-        strategy.aggregate_train(rnd, replies)
+    ledger = build_ledger("anvil", url, **connect)
+    pipeline = OnChainAudit(FedAvg(), ledger, ArtifactStore(str(folder)), fed.run_id)
+    fed.drive(pipeline, rounds=rounds)
+    return pipeline
 
 
 @needs_anvil
 def test_audited_run_survives_anvil_restart(anvil, tmp_path, capsys):
-    from flwr.serverapp.strategy import FedAvg
-
     folder = tmp_path / "run"
-    wrap, info = build_audit("anvil", anvil["url"], "", str(folder), RUN)
-    strategy = wrap(FedAvg())
-    _rounds(strategy)
-    assert info()["chain-id"] == 31337 and info()["transactions"] == 7
+    pipeline = _run(anvil["url"], folder, Federation(run_id=RUN))
+    info = pipeline.trail.info()
+    assert info["chain-id"] == 31337 and info["transactions"] == 7
     assert cli(["audit", str(folder)]) == 0
     assert "audit: OK" in capsys.readouterr().out
 
@@ -72,27 +71,25 @@ def test_audited_run_survives_anvil_restart(anvil, tmp_path, capsys):
     restarted = devnet.start(port=anvil["port"], state_dir=anvil["dir"])
     assert restarted["pid"] != anvil["pid"] and restarted["block"] >= 7
     report = audit_run(str(folder))
-    assert report.ok and sum(r.client != "aggregate" for r in report.rows) == 6, report.table()
+    assert report.ok and sum(r.kind == "update" for r in report.rows) == 6, report.table()
 
     # a non-authorised account cannot write
-    ledger = Ledger.connect(anvil["url"], info()["registry-address"])
+    ledger = Ledger.connect(anvil["url"], info["registry-address"])
     other = ledger.w3.eth.accounts[1]
     from web3.exceptions import ContractCustomError, ContractLogicError
 
     with pytest.raises((ContractCustomError, ContractLogicError)):
         ledger.contract.functions.openRound(RUN, 3).transact({"from": other})
     with pytest.raises((ContractCustomError, ContractLogicError)):
-        ledger.contract.functions.commitAggregate(RUN, 2, b"\1" * 32).transact({"from": other})
+        ledger.contract.functions.commitAggregate(RUN, 2, b"\1" * 32, b"\2" * 32).transact({"from": other})
     assert ledger.get_round(RUN, 2)["committed"] and ledger.contract.functions.currentRound(RUN).call() == 2
 
 
 @needs_anvil
 def test_bad_input_gives_one_line_and_exit_2(anvil, tmp_path, capsys):
-    from flwr.serverapp.strategy import FedAvg
-
     folder = tmp_path / "run"
-    wrap, info = build_audit("anvil", anvil["url"], "", str(folder), RUN)
-    _rounds(wrap(FedAvg()), rounds=1)
+    pipeline = _run(anvil["url"], folder, Federation(run_id=RUN), rounds=1)
+    registry = pipeline.trail.ledger.address
     capsys.readouterr()
     cases = {
         "unreachable": ["--rpc-url", f"http://127.0.0.1:{_free_port()}"],
@@ -104,11 +101,77 @@ def test_bad_input_gives_one_line_and_exit_2(anvil, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fedledger: error:"), (name, err)
     with pytest.raises(LedgerError, match="chain id mismatch"):
-        Ledger.connect(anvil["url"], info()["registry-address"], chain_id=1)
+        Ledger.connect(anvil["url"], registry, chain_id=1)
     with pytest.raises(LedgerError, match="cannot reach"):
-        build_audit("anvil", f"http://127.0.0.1:{_free_port()}", "", str(tmp_path / "r2"), RUN)
+        build_trail("anvil", str(tmp_path / "r2"), RUN, rpc_url=f"http://127.0.0.1:{_free_port()}")
     # nothing was recorded twice or lost by the failed attempts
     assert audit_run(str(folder)).ok
+
+
+def _fund(w3, address: str, ether: int = 10) -> None:
+    """A plain transfer from anvil's dev account 0, signed here (its key is anvil's public default)."""
+    dev = Account.from_key(ANVIL_DEV_KEY_0)
+    tx = {"to": address, "value": w3.to_wei(ether, "ether"), "gas": 21000, "nonce": w3.eth.get_transaction_count(dev.address),
+          "chainId": w3.eth.chain_id, "maxFeePerGas": w3.to_wei(10, "gwei"), "maxPriorityFeePerGas": 0}
+    h = w3.eth.send_raw_transaction(dev.sign_transaction(tx).raw_transaction)
+    assert w3.eth.wait_for_transaction_receipt(h, timeout=10, poll_latency=0.01)["status"] == 1
+
+
+@needs_anvil
+def test_fresh_aggregator_key_writes_a_whole_audited_run(anvil, tmp_path, monkeypatch):
+    from web3 import HTTPProvider, Web3
+
+    w3 = Web3(HTTPProvider(anvil["url"]))
+    key = Account.create()
+    _fund(w3, key.address)
+    monkeypatch.setenv(KEY_ENV, key.key.to_0x_hex())
+    pipeline = _run(anvil["url"], tmp_path / "run", Federation(run_id=RUN))
+    ledger = pipeline.trail.ledger
+    assert ledger.signs_locally and ledger.owner() == key.address
+    report = audit_run(str(tmp_path / "run"))
+    assert report.ok, report.table()
+
+    # the same key from an encrypted keystore attaches to that registry for the next run
+    monkeypatch.delenv(KEY_ENV)
+    keystore = tmp_path / "aggregator.json"
+    keystore.write_text(json.dumps(Account.encrypt(key.key, "pw", iterations=2)))
+    monkeypatch.setenv(KEY_PASSWORD_ENV, "pw")
+    second = _run(anvil["url"], tmp_path / "run2", Federation(run_id=RUN + 1), registry_address=ledger.address,
+                  private_key_file=str(keystore))
+    assert audit_run(str(tmp_path / "run2")).ok
+    sent = ledger.tx_log + second.trail.ledger.tx_log
+    assert len(sent) == 1 + 3 * 2 + 3 * 2
+    assert {w3.eth.get_transaction(t["tx"])["from"] for t in sent} == {key.address}
+    assert w3.eth.get_transaction_count(w3.eth.accounts[0]) == 1       # dev account 0: the funding transfer only
+
+    # another key cannot take over that registry
+    monkeypatch.setenv(KEY_ENV, Account.create().key.to_0x_hex())
+    with pytest.raises(LedgerError, match=f"owned by {key.address}"):
+        Ledger.connect(anvil["url"], ledger.address)
+
+
+@needs_anvil
+def test_node_without_unlocked_accounts_needs_an_aggregator_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([ANVIL, "--silent", "--prune-history", "--accounts", "0", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while not devnet.is_up(url) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LedgerError) as info:
+            Ledger.connect(url)
+        message = str(info.value)
+        assert "\n" not in message and KEY_ENV in message and "aggregator-key-file" in message
+        key = Account.create()
+        devnet.rpc_call(url, "anvil_setBalance", [key.address, hex(10**19)])
+        ledger = Ledger.connect(url, private_key=key.key.to_0x_hex())
+        assert ledger.owner() == key.address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @needs_anvil

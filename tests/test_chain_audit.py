@@ -1,67 +1,102 @@
-"""OnChainAudit around Flower's own FedAvg (eth-tester), the audit, tampering, the CLI."""
+"""OnChainAudit / LedgerTrail around Flower strategies (eth-tester), and what the audit makes of a
+tampered, refused, unsigned or empty round. ``Federation`` drives pipeline rounds without a
+ClientApp (also used by tests/test_audit_rules.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from fedledger.chain import signing
 from fedledger.chain.audit import audit_run
-from fedledger.chain.audit_strategy import OnChainAudit, build_audit
-from fedledger.chain.ledger import Ledger, UpdateEntry
+from fedledger.chain.audit_strategy import OnChainAudit, build_trail
+from fedledger.chain.ledger import Ledger
 from fedledger.chain.store import ArtifactStore
+from fedledger.chain.trail import ZERO_HASH, LedgerTrail
 from fedledger.cli_chain import main as cli
+from fedledger.core.pipeline import RoundPipeline
 
-RUN = 42
+from .replies import NodeGrid, adapter, node_ids, record, reply
 
-
-def _arrays(rng):
-    return {"l.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
-            "l.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)}
+RUN_IDS = itertools.count(1000)
 
 
-def _reply(node_id, arrays, num_examples, audit):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+class Federation:
+    """``n`` clients with random 64-bit node ids and simulation keys; ``drive`` runs rounds.
 
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.5})})
-    if audit is not None:
-        content["audit"] = ConfigRecord(audit)
-    instruction = Message(RecordDict(), dst_node_id=node_id, message_type="train")
-    return Message(content, reply_to=instruction)
+    Client ``i`` trains ``global + step * noise(seed, round, i)`` on ``10 + 5 i`` examples, so two
+    runs of the same federation receive identical updates. ``tamper(round, i, arrays, audit)``
+    returns the (arrays, audit record) actually sent (audit None: unsigned)."""
+
+    def __init__(self, n: int = 3, seed: int = 0, run_id: int | None = None, step: float = 0.05):
+        self.nodes = node_ids(n, seed)
+        self.accounts = [signing.simulation_account(i) for i in range(n)]
+        self.seed, self.step = seed, step
+        self.run_id = next(RUN_IDS) if run_id is None else run_id
+
+    def address(self, i: int) -> str:
+        return self.accounts[i].address
+
+    def local(self, global_arrays: dict, rnd: int, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, rnd, i])
+        return {k: (v + self.step * rng.standard_normal(v.shape)).astype(np.float32) for k, v in global_arrays.items()}
+
+    def replies(self, instructions, global_arrays: dict, rnd: int, tamper=None) -> list:
+        order = sorted(instructions, key=lambda m: self.nodes.index(m.metadata.dst_node_id))
+        out = []
+        for ins in order:
+            node = ins.metadata.dst_node_id
+            i = self.nodes.index(node)
+            arrays = self.local(global_arrays, rnd, i)
+            audit = signing.audit_record(arrays, self.run_id, rnd, self.accounts[i])
+            if tamper is not None:
+                arrays, audit = tamper(rnd, i, arrays, audit)
+            extra = {"audit": ConfigRecord(audit)} if audit is not None else None
+            out.append(reply(node, arrays, 10 + 5 * i, metrics={"train-loss": 1.5}, extra=extra))
+        return out
+
+    def drive(self, pipeline, rounds: int = 2, tamper=None, start=None, next_global=None) -> list:
+        """Run ``rounds`` rounds; ``next_global(round, aggregate) -> arrays`` replaces the global
+        the next round starts from. Returns each round's aggregate (dict or None)."""
+        arrays = dict(start) if start is not None else adapter(self.seed)
+        out = []
+        for rnd in range(1, rounds + 1):
+            instructions = list(pipeline.configure_train(rnd, record(arrays), ConfigRecord(), NodeGrid(self.nodes)))
+            agg, _ = pipeline.aggregate_train(rnd, self.replies(instructions, arrays, rnd, tamper))
+            agg = {k: v.numpy() for k, v in agg.items()} if agg is not None else None
+            out.append(agg)
+            arrays = agg if agg is not None else arrays
+            if next_global is not None:
+                arrays = next_global(rnd, arrays)
+        return out
 
 
-def run_rounds(strategy, rounds=2, clients=3, seed=0, run_id=RUN, tamper=None):
-    """Feed constructed train replies to ``strategy``; ``tamper(round, pid, arrays, audit)`` may edit."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for rnd in range(1, rounds + 1):
-        replies = []
-        for pid in range(clients):
-            arrays = _arrays(rng)
-            audit = signing.audit_record(arrays, run_id, rnd, signing.simulation_account(pid))
-            if tamper:
-                arrays, audit = tamper(rnd, pid, arrays, audit)
-            replies.append(_reply(100 + pid, arrays, 10 + 5 * pid, audit))
-        out.append(strategy.aggregate_train(rnd, replies))
-    return out
+@pytest.fixture(scope="module")
+def chain():
+    """One in-process chain and registry for the module; each run has its own run id."""
+    return Ledger.in_process()
 
 
-@pytest.fixture()
-def audited_run(tmp_path):
-    from flwr.serverapp.strategy import FedAvg
-
-    wrap, info = build_audit("eth-tester", "", "", str(tmp_path), RUN, run_config={"num-rounds": 2})
-    strategy = wrap(FedAvg())
-    results = run_rounds(strategy)
-    return tmp_path, strategy, info, results
+def audited(strategy, chain, folder, fed: Federation, **kw) -> OnChainAudit:
+    return OnChainAudit(strategy, chain, ArtifactStore(str(folder)), fed.run_id, **kw)
 
 
-def _flip(path, offset):
+def statuses(report) -> dict:
+    return {(r.round, r.client.lower()): r.status for r in report.rows}
+
+
+def problems(report) -> list[tuple]:
+    return [(r.round, r.client, r.status) for r in report.problems]
+
+
+def flip(path: str, offset: int) -> None:
     """Flip one bit of one byte of a file (the tensor data sit at the end of a safetensors file)."""
     with open(path, "rb") as fh:
         data = bytearray(fh.read())
@@ -70,163 +105,314 @@ def _flip(path, offset):
         fh.write(bytes(data))
 
 
-def _status(report):
-    return {(r.round, r.client.lower()): r.status for r in report.rows}
-
-
-def test_wrapper_records_every_update_and_aggregate(audited_run):
-    folder, strategy, info, results = audited_run
-    assert isinstance(strategy, OnChainAudit)
-    assert strategy.fraction_train == 1.0                      # __getattr__ falls through to FedAvg
-    d = info()
-    assert d["transactions"] == 1 + 2 * 3                      # deploy + (open, batch, commit) per round
-    for rnd in (1, 2):
-        r = strategy.ledger.get_round(RUN, rnd)
-        assert r["count"] == 3 and r["committed"]
-        assert os.path.exists(strategy.store.aggregate_path(rnd))
-        manifest = strategy.store.read_round(rnd)
-        assert [c["num-examples"] for c in manifest["clients"]] == [10, 15, 20]
-    arrays, metrics = results[-1]
-    assert arrays is not None and metrics["train-loss"] == pytest.approx(1.5)
-    # audit: live chain and exported events agree, FedAvg recomputed bit-exactly
-    live = audit_run(str(folder), ledger=strategy.ledger)
-    offline = audit_run(str(folder))
-    assert live.ok and offline.ok, live.table()
-    assert sum(r.client != "aggregate" for r in live.rows) == 6
-    assert all("bit-exactly" in r.detail for r in live.rows if r.client == "aggregate")
-    assert [(r.round, r.client, r.status) for r in live.rows] == [(r.round, r.client, r.status) for r in offline.rows]
-
-
-def test_flipped_byte_names_round_and_client(audited_run):
-    folder, strategy, _, _ = audited_run
-    victim = signing.simulation_account(1).address
-    path = strategy.store.update_path(2, victim)
-    _flip(path, -3)
-    report = audit_run(str(folder), ledger=strategy.ledger)
-    assert not report.ok
-    bad = [(r.round, r.client, r.status) for r in report.problems]
-    assert bad == [(2, victim, "MISMATCH")], report.table()
-    assert "not recomputed" in [r for r in report.rows if r.round == 2 and r.client == "aggregate"][0].detail
-
-
-def test_swapped_files_and_missing_file_are_flagged(audited_run):
-    folder, strategy, _, _ = audited_run
-    a, b, c = (signing.simulation_account(i).address for i in range(3))
-    pa, pb = strategy.store.update_path(1, a), strategy.store.update_path(1, b)
-    tmp = pa + ".x"
-    os.replace(pa, tmp), os.replace(pb, pa), os.replace(tmp, pb)
-    os.remove(strategy.store.update_path(2, c))
-    status = _status(audit_run(str(folder), ledger=strategy.ledger))
-    assert status[(1, a.lower())] == status[(1, b.lower())] == "MISMATCH"
-    assert status[(1, c.lower())] == "OK"
-    assert status[(2, c.lower())] == "MISSING"
-
-
-def test_tampered_aggregate_is_flagged(audited_run):
-    folder, strategy, _, _ = audited_run
-    from safetensors.numpy import save_file
-
-    path = strategy.store.aggregate_path(1)
-    agg = ArtifactStore.load_arrays(path)
-    agg["l.lora_A.weight"][0, 0] += 1.0
-    save_file(agg, path)
-    status = _status(audit_run(str(folder), ledger=strategy.ledger))
-    assert status[(1, "aggregate")] == "MISMATCH" and status[(2, "aggregate")] == "OK"
-
-
-def test_wrapper_refuses_bad_claims(tmp_path):
+@pytest.fixture()
+def fedavg_run(chain, tmp_path):
     from flwr.serverapp.strategy import FedAvg
 
-    wrap, info = build_audit("eth-tester", "", "", str(tmp_path), RUN)
-    strategy = wrap(FedAvg())
+    fed = Federation()
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    fed.drive(pipeline)
+    return tmp_path, pipeline, fed
 
-    def tamper(rnd, pid, arrays, audit):
-        if pid == 0:   # claims a hash that is not the one of the arrays sent
-            arrays = {k: v + 1 for k, v in arrays.items()}
-        if pid == 1:   # signature by someone else
-            audit = {**audit, "signer": signing.simulation_account(7).address}
-        if pid == 2:   # no audit record
-            audit = None
+
+# ---------------------------------------------------------------------------- what a round records
+def test_each_round_costs_three_transactions_and_leaves_every_file(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation()
+    trail, info = build_trail("eth-tester", str(tmp_path), fed.run_id, run_info={"run-config": {"num-rounds": 2}})
+    pipeline = RoundPipeline(FedAvg(), trail=trail)
+    aggregates = fed.drive(pipeline)
+    d = info()
+    assert d["transactions"] == 1 + 2 * 3 and d["rejected-replies"] == {}   # deploy + (open, batch, commit) x 2
+    store, ledger = trail.store, trail.ledger
+    with open(store.run_path) as fh:
+        run = json.load(fh)
+    assert run["rule"]["name"] == "FedAvg" and run["run-id"] == fed.run_id and run["run-config"] == {"num-rounds": 2}
+    assert run["aggregator"] == ledger.sender and run["registry-address"] == ledger.address
+    for rnd in (1, 2):
+        r = ledger.get_round(fed.run_id, rnd)
+        assert r["count"] == 3 and r["committed"] and r["document-hash"] == trail.document_hashes[rnd]
+        with open(store.round_path(rnd)) as fh:
+            doc = json.load(fh)
+        assert [u["client"] for u in doc["updates"]] == [fed.address(i) for i in range(3)]
+        assert [u["node-id"] for u in doc["updates"]] == fed.nodes
+        assert [u["num-examples"] for u in doc["updates"]] == [10, 15, 20]
+        assert doc["rejected"] == [] and doc["trust"] is None and doc["aggregate-error"] is None
+        for path in (store.global_path(rnd), store.aggregate_path(rnd), store.update_path(rnd, fed.address(1))):
+            assert os.path.exists(path), path
+    live, offline = audit_run(str(tmp_path), ledger=ledger), audit_run(str(tmp_path))
+    assert live.exit_code == offline.exit_code == 0, live.table()
+    assert [(r.round, r.client, r.status) for r in live.rows] == [(r.round, r.client, r.status) for r in offline.rows]
+    assert [r.detail for r in live.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2
+    assert aggregates[-1] is not None and live.verdict == "audit: OK, every record verified"
+
+
+def test_stacking_with_pagerank_trust_gives_one_pipeline_in_either_order(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.strategies.pagerank import PageRankTrust
+
+    fed = Federation(n=5)
+    outer = OnChainAudit(PageRankTrust(FedAvg()), chain, ArtifactStore(str(tmp_path / "a")), fed.run_id)
+    inner = PageRankTrust(OnChainAudit(FedAvg(), chain, ArtifactStore(str(tmp_path / "b")), next(RUN_IDS)))
+    for p in (outer, inner):
+        assert type(p.strategy) is FedAvg and p.trust is not None and isinstance(p.trail, LedgerTrail)
+
+    def attacker(rnd, i, arrays, audit):  # client 4 sends a scaled, sign-flipped update (signed)
+        if i == 4:
+            arrays = {k: -20 * v for k, v in arrays.items()}
+            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[4])
         return arrays, audit
 
-    run_rounds(strategy, rounds=1, clients=4, tamper=tamper)
-    refused = strategy.flagged[1]
-    reasons = {r["node-id"]: r["reason"] for r in refused}
-    assert set(reasons) == {100, 101, 102}
-    assert "differs" in reasons[100] and "signature recovers" in reasons[101] and "no 'audit'" in reasons[102]
-    assert strategy.ledger.get_round(RUN, 1)["count"] == 1
-    assert info()["refused-replies"]["1"] == refused
-    assert audit_run(str(tmp_path), ledger=strategy.ledger).ok
+    fed.drive(outer, tamper=attacker)
+    report = audit_run(str(tmp_path / "a"))
+    assert report.exit_code == 0, report.table()
+    with open(outer.trail.store.round_path(2)) as fh:
+        doc = json.load(fh)
+    assert doc["trust"] == outer.reports[2].trust and doc["trust"]["scores"]
 
 
-def test_bad_signature_on_chain_is_reported(tmp_path):
-    """An aggregator that records a forged signature is caught by the audit."""
+# ---------------------------------------------------------------------------- tampered files
+def test_flipped_byte_names_round_and_client(fedavg_run):
+    folder, pipeline, fed = fedavg_run
+    flip(pipeline.trail.store.update_path(2, fed.address(1)), -3)
+    report = audit_run(str(folder))
+    assert problems(report) == [(2, fed.address(1), "MISMATCH")], report.table()
+    agg = [r for r in report.rows if r.round == 2 and r.kind == "aggregate"][0]
+    assert agg.status == "NOT-RECOMPUTED" and "not all verified" in agg.detail
+    assert report.exit_code == 1
+
+
+def test_swapped_and_missing_update_files_are_flagged(fedavg_run):
+    folder, pipeline, fed = fedavg_run
+    store = pipeline.trail.store
+    a, b, c = (fed.address(i) for i in range(3))
+    pa, pb = store.update_path(1, a), store.update_path(1, b)
+    os.replace(pa, pa + ".x"), os.replace(pb, pa), os.replace(pa + ".x", pb)
+    os.remove(store.update_path(2, c))
+    status = statuses(audit_run(str(folder)))
+    assert status[(1, a.lower())] == status[(1, b.lower())] == "MISMATCH"
+    assert status[(1, c.lower())] == "OK" and status[(2, c.lower())] == "MISSING"
+
+
+def test_tampered_aggregate_file_is_flagged(fedavg_run):
+    from safetensors.numpy import save_file
+
+    folder, pipeline, _ = fedavg_run
+    path = pipeline.trail.store.aggregate_path(1)
+    agg = ArtifactStore.load_arrays(path)
+    agg["m.lora_A.weight"][0, 0] += 1.0
+    save_file(agg, path)
+    report = audit_run(str(folder))
+    assert problems(report) == [(1, "aggregate", "MISMATCH")], report.table()
+
+
+def test_edited_round_document_is_flagged_even_when_only_reformatted(fedavg_run):
+    folder, pipeline, _ = fedavg_run
+    path = pipeline.trail.store.round_path(2)
+    with open(path) as fh:
+        doc = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1)                 # same content, other bytes
+    assert problems(audit_run(str(folder))) == [(2, "round.json", "MISMATCH")]
+    doc["updates"][0]["num-examples"] = 1000
+    with open(path, "w") as fh:
+        json.dump(doc, fh, sort_keys=True, separators=(",", ":"))
+    report = audit_run(str(folder))
+    assert problems(report) == [(2, "round.json", "MISMATCH")] and "hashes to" in report.problems[0].detail
+
+
+def test_edited_run_record_is_flagged(fedavg_run):
+    folder, pipeline, _ = fedavg_run
+    path = pipeline.trail.store.run_path
+    with open(path) as fh:
+        run = json.load(fh)
+    run["rule"]["name"] = "FedMedian"
+    with open(path, "w") as fh:
+        json.dump(run, fh, sort_keys=True, separators=(",", ":"))
+    assert (1, "run.json", "MISMATCH") in problems(audit_run(str(folder)))
+
+
+# ---------------------------------------------------------------------------- refused replies
+def test_refused_replies_are_listed_with_their_reasons(chain, tmp_path):
     from flwr.serverapp.strategy import FedAvg
 
-    ledger = Ledger.in_process()
-    store = ArtifactStore(str(tmp_path))
-    OnChainAudit(FedAvg(), ledger, store, RUN)  # writes ledger.json
-    arrays = _arrays(np.random.default_rng(1))
-    from fedledger.chain.hashing import update_hash
+    fed = Federation(n=5)
 
-    h = update_hash(arrays)
-    victim, forger = signing.simulation_account(0), signing.simulation_account(5)
-    store.save_update(1, victim.address, arrays)
-    ledger.open_round(RUN, 1)
-    ledger.record_updates(RUN, 1, [UpdateEntry(victim.address, h, 10, signing.sign_update(forger, RUN, 1, h))])
-    ledger.commit_aggregate(RUN, 1, "0x" + "00" * 32)
-    report = audit_run(str(tmp_path), ledger=ledger)
-    assert [(r.round, r.client, r.status) for r in report.problems] == [(1, victim.address, "BAD-SIGNATURE")]
+    def tamper(rnd, i, arrays, audit):
+        if i == 0:   # claims the hash of other arrays than it sends
+            arrays = {k: v + 1 for k, v in arrays.items()}
+        if i == 1:   # names someone else as the signer
+            audit = {**audit, "signer": signing.simulation_account(7).address}
+        if i == 2:   # no audit record
+            audit = None
+        if i == 4:   # signs with client 3's key: a second reply of that signer
+            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[3])
+        return arrays, audit
+
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    fed.drive(pipeline, rounds=1, tamper=tamper)
+    reasons = {r["node-id"]: r["reason"] for r in pipeline.reports[1].rejected}
+    assert set(reasons) == {fed.nodes[i] for i in (0, 1, 2, 4)}
+    assert "is not the received arrays' hash" in reasons[fed.nodes[0]]
+    assert "not the claimed signer" in reasons[fed.nodes[1]]
+    assert "no 'audit' ConfigRecord" in reasons[fed.nodes[2]]
+    assert "already replied" in reasons[fed.nodes[4]]
+    assert chain.get_round(fed.run_id, 1)["count"] == 1
+    assert pipeline.trail.info()["rejected-replies"]["1"] == pipeline.reports[1].rejected
+    report = audit_run(str(tmp_path))
+    assert report.exit_code == 0, report.table()
+    assert {r.client: r.status for r in report.rows if r.kind == "rejected"} == {
+        f"node-{fed.nodes[i]}": "REJECTED" for i in (0, 1, 2, 4)}
+    assert report.verdict == "audit: OK, every record verified (4 replies REJECTED by the aggregator)"
 
 
-def test_cli_audit_table_json_and_exit_codes(audited_run, capsys):
-    folder, strategy, _, _ = audited_run
+def test_malformed_reply_is_rejected_and_left_out_of_the_aggregate(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation(n=4)
+
+    def nan(rnd, i, arrays, audit):
+        if i == 2:
+            arrays = {k: v.copy() for k, v in arrays.items()}
+            arrays["m.lora_B.weight"][1, 1] = np.nan
+            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[2])
+        return arrays, audit
+
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    start = adapter(5)
+    instructions = list(pipeline.configure_train(1, record(start), ConfigRecord(), NodeGrid(fed.nodes)))
+    replies = fed.replies(instructions, start, 1, tamper=nan)
+    got, _ = pipeline.aggregate_train(1, replies)
+    clean = RoundPipeline(FedAvg())
+    clean.configure_train(1, record(start), ConfigRecord(), NodeGrid(fed.nodes))
+    want, _ = clean.aggregate_train(1, [m for m in replies if m.metadata.src_node_id != fed.nodes[2]])
+    for k in start:
+        np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
+    report = audit_run(str(tmp_path))
+    rejected = [r for r in report.rows if r.status == "REJECTED"]
+    assert [r.client for r in rejected] == [f"node-{fed.nodes[2]}"] and "NaN/Inf" in rejected[0].detail
+    assert report.exit_code == 0, report.table()
+
+
+def test_unsigned_replies_are_refused_and_a_run_that_learned_nothing_fails(chain, tmp_path, capsys):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation()
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    aggregates = fed.drive(pipeline, tamper=lambda rnd, i, arrays, audit: (arrays, None))
+    assert aggregates == [None, None]
+    assert chain.get_round(fed.run_id, 2)["aggregate-hash"] == ZERO_HASH
+    report = audit_run(str(tmp_path))
+    assert [(r.round, r.status) for r in report.problems] == [(1, "NO-AGGREGATE"), (2, "NO-AGGREGATE")]
+    assert "no update was accepted (3 replies rejected)" in report.problems[0].detail
+    assert sum(r.status == "REJECTED" for r in report.rows) == 6
+    assert cli(["audit", str(tmp_path)]) == 1
+    assert "audit: 2 problem(s) found" in capsys.readouterr().out
+
+
+def test_unsigned_updates_accepted_on_request_are_shown_as_unsigned(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation()
+    pipeline = audited(FedAvg(), chain, tmp_path, fed, require_audit_record=False)
+    unsigned = lambda rnd, i, arrays, audit: (arrays, None if i == 1 else audit)  # noqa: E731
+    fed.drive(pipeline, tamper=unsigned)
+    assert chain.get_round(fed.run_id, 1)["count"] == 2                  # only signed updates go on chain
+    report = audit_run(str(tmp_path))
+    assert [(r.round, r.status) for r in report.rows if r.kind == "update"].count((1, "UNSIGNED")) == 1
+    assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2
+    assert report.exit_code == 3 and "2 update(s) UNSIGNED" in report.verdict, report.table()
+    flip(pipeline.trail.store.update_path(1, f"node-{fed.nodes[1]}"), -2)   # its bytes are still bound
+    assert problems(audit_run(str(tmp_path))) == [(1, f"node-{fed.nodes[1]}", "MISMATCH")]
+
+
+# ---------------------------------------------------------------------------- a dishonest aggregator
+def test_forged_signature_on_chain_is_bad_signature(chain, tmp_path, monkeypatch):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation()
+    forger = signing.simulation_account(9)
+    real = chain.record_updates
+
+    def forge(run_id, rnd, entries):
+        real(run_id, rnd, [replace(e, signature=signing.sign_update(forger, run_id, rnd, e.update_hash))
+                           if e.client == fed.address(0) else e for e in entries])
+
+    monkeypatch.setattr(chain, "record_updates", forge)
+    fed.drive(audited(FedAvg(), chain, tmp_path, fed), rounds=1)
+    assert problems(audit_run(str(tmp_path))) == [(1, fed.address(0), "BAD-SIGNATURE")]
+
+
+def test_round_that_did_not_start_from_the_previous_aggregate_is_flagged(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    fed = Federation()
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    fed.drive(pipeline, next_global=lambda rnd, arrays: {k: v * 2 for k, v in arrays.items()})
+    report = audit_run(str(tmp_path))
+    assert problems(report) == [(2, "global", "MISMATCH")], report.table()
+    assert "not from round 1's result" in report.problems[0].detail
+
+
+def test_round_opened_but_never_committed_is_missing(chain, tmp_path, monkeypatch):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.chain.ledger import LedgerError
+
+    fed = Federation()
+    real = chain.commit_aggregate
+
+    def lost_in_round_2(run_id, rnd, *hashes):
+        if rnd == 2:
+            raise LedgerError("the node went away")
+        return real(run_id, rnd, *hashes)
+
+    monkeypatch.setattr(chain, "commit_aggregate", lost_in_round_2)
+    with pytest.raises(LedgerError):
+        fed.drive(audited(FedAvg(), chain, tmp_path, fed), rounds=2)
+    report = audit_run(str(tmp_path))
+    assert problems(report) == [(2, "aggregate", "MISSING")], report.table()
+
+
+def test_verify_refuses_a_signer_other_than_the_nodes_known_one(chain, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.core.update import Identity
+
+    fed = Federation()
+
+    class Known:  # the ServerApp's roster: node -> partition and signer, resolved once
+        def refresh(self, grid):
+            return None
+
+        def resolve(self, node_id):
+            i = fed.nodes.index(node_id)
+            return Identity(node_id, i, fed.address(1 if i == 0 else i))
+
+    pipeline = audited(FedAvg(), chain, tmp_path, fed, identities=Known())
+    fed.drive(pipeline, rounds=1)
+    rejected = pipeline.reports[1].rejected
+    assert [r["node-id"] for r in rejected] == [fed.nodes[0]] and "is known as" in rejected[0]["reason"]
+    with open(pipeline.trail.store.round_path(1)) as fh:
+        assert [u["partition"] for u in json.load(fh)["updates"]] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_cli_audit_table_json_and_exit_codes(fedavg_run, capsys):
+    folder, pipeline, fed = fedavg_run
     assert cli(["audit", str(folder)]) == 0
-    assert "audit: OK" in capsys.readouterr().out
+    assert "audit: OK, every record verified" in capsys.readouterr().out
     assert cli(["audit", str(folder), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] and out["records"] == 6 and out["problems"] == 0
-    victim = signing.simulation_account(0).address
-    path = strategy.store.update_path(1, victim)
-    _flip(path, -1)
+    assert out["ok"] and out["exit-code"] == 0 and out["records"] == 6 and out["problems"] == 0
+    flip(pipeline.trail.store.update_path(1, fed.address(0)), -1)
     assert cli(["audit", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert victim in out and "MISMATCH" in out
-    # bad input: one clear line, exit 2
-    assert cli(["audit", str(folder / "nope")]) == 2
+    assert fed.address(0) in out and "MISMATCH" in out and "audit: 1 problem(s) found" in out
+    assert cli(["audit", str(folder / "nope")]) == 2          # bad input: one clear line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedledger: error: no audit record")
     shutil.rmtree(folder / "audit")
     assert cli(["audit", str(folder)]) == 2
-
-
-def test_trust_scores_go_on_chain_and_a_tampered_score_is_named(tmp_path):
-    """A trust wrapper inside OnChainAudit: its per-round scores are kept in round.json and their
-    hash is committed with the aggregate; editing a stored score makes the audit say MISMATCH."""
-    from flwr.serverapp.strategy import FedAvg
-
-    class ScoredFedAvg(FedAvg):  # stands in for PageRankTrust: exposes trust_history per round
-        trust_history: dict = {}
-
-        def aggregate_train(self, server_round, replies):
-            replies = list(replies)
-            self.trust_history[server_round] = {"trust": {str(i): 1.0 + 0.1 * i for i in range(len(replies))},
-                                                "excluded": [0]}
-            return super().aggregate_train(server_round, replies)
-
-    wrap, info = build_audit("eth-tester", "", "", str(tmp_path), RUN)
-    strategy = wrap(ScoredFedAvg())
-    run_rounds(strategy)
-    assert info()["transactions"] == 1 + 3 * 2  # still O(1) per round: trust rides on the commit
-    report = audit_run(str(tmp_path))
-    assert report.ok, report.table()
-    assert [(r.round, r.status) for r in report.rows if r.client == "trust"] == [(1, "OK"), (2, "OK")]
-
-    path = os.path.join(str(tmp_path), "audit", "round-0002", "round.json")
-    with open(path) as fh:
-        manifest = json.load(fh)
-    manifest["trust"]["excluded"] = []
-    with open(path, "w") as fh:
-        json.dump(manifest, fh)
-    report = audit_run(str(tmp_path))
-    assert [(r.round, r.client, r.status) for r in report.problems] == [(2, "trust", "MISMATCH")]

@@ -15,6 +15,7 @@ from fedledger.chain.ledger import ARTIFACT, Ledger, LedgerError, UpdateEntry, l
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLC = os.path.join(REPO, ".tools", "node_modules", "solc")
 RUN = 9
+DOC = "0x" + "d0" * 32
 
 
 def _entry(i: int, rnd: int, run_id: int = RUN, n: int = 10) -> UpdateEntry:
@@ -55,9 +56,10 @@ def test_rounds_records_aggregate_and_reads(ledger):
     n_tx = len(ledger.tx_log)
     ledger.record_updates(RUN, 1, entries)
     assert len(ledger.tx_log) == n_tx + 1, "one transaction for the whole batch"
-    ledger.commit_aggregate(RUN, 1, "0x" + "ab" * 32)
+    ledger.commit_aggregate(RUN, 1, "0x" + "ab" * 32, DOC)
     rnd = ledger.get_round(RUN, 1)
     assert rnd["count"] == 5 and rnd["committed"] and rnd["aggregate-hash"] == "0x" + "ab" * 32
+    assert rnd["document-hash"] == DOC
     assert ledger.update_hash_of(RUN, 1, entries[2].client) == entries[2].update_hash
     assert ledger.update_hash_of(RUN, 1, signing.simulation_account(99).address) is None
     events = ledger.events(RUN)
@@ -65,6 +67,9 @@ def test_rounds_records_aggregate_and_reads(ledger):
     assert [e["client"] for e in ups] == [e.client for e in entries]
     assert [e["index"] for e in ups] == list(range(5))
     assert records_digest(ups) == rnd["records-digest"]
+    committed = [e for e in events if e["event"] == "AggregateCommitted"]
+    assert [(c["round"], c["num-records"], c["document-hash"]) for c in committed] == [(1, 5, DOC)]
+    assert committed[0]["records-digest"] == rnd["records-digest"]
     # reads by client
     mine = ledger.events(RUN, client=entries[3].client)
     assert len(mine) == 1 and mine[0]["update-hash"] == entries[3].update_hash and mine[0]["num-examples"] == 13
@@ -81,11 +86,13 @@ def test_idempotent_writes_send_nothing_twice(ledger):
     ledger.record_updates(RUN, 2, entries)    # nothing left
     assert len(ledger.tx_log) == n_tx + 1
     assert ledger.get_round(RUN, 2)["count"] == 3
-    ledger.commit_aggregate(RUN, 2, "0x" + "cd" * 32)
-    ledger.commit_aggregate(RUN, 2, "0x" + "cd" * 32)
+    ledger.commit_aggregate(RUN, 2, "0x" + "cd" * 32, DOC)
+    ledger.commit_aggregate(RUN, 2, "0x" + "cd" * 32, DOC)
     assert len(ledger.tx_log) == n_tx + 2
-    with pytest.raises(LedgerError, match="different aggregate"):
-        ledger.commit_aggregate(RUN, 2, "0x" + "ee" * 32)
+    with pytest.raises(LedgerError, match="different aggregate or round document"):
+        ledger.commit_aggregate(RUN, 2, "0x" + "ee" * 32, DOC)
+    with pytest.raises(LedgerError, match="different aggregate or round document"):
+        ledger.commit_aggregate(RUN, 2, "0x" + "cd" * 32, "0x" + "d1" * 32)
 
 
 def test_contract_rejects_duplicates_out_of_order_and_outsiders(ledger):
@@ -105,7 +112,9 @@ def test_contract_rejects_duplicates_out_of_order_and_outsiders(ledger):
     with pytest.raises(_revert_types()):
         f.recordUpdates(*args(3, [e])).transact({"from": other})
     with pytest.raises(_revert_types()):
-        f.commitAggregate(RUN, 3, b"\1" * 32).transact({"from": other})
+        f.commitAggregate(RUN, 3, b"\1" * 32, b"\2" * 32).transact({"from": other})
+    with pytest.raises(_revert_types()):                       # a round document is always committed
+        f.commitAggregate(RUN, 3, b"\1" * 32, b"\0" * 32).transact({"from": owner})
     with pytest.raises(_revert_types()):                       # duplicate inside one batch
         f.recordUpdates(*args(3, [e, e])).transact({"from": owner})
     with pytest.raises(_revert_types()):                       # record for an older round
@@ -146,7 +155,7 @@ def test_retry_after_lost_response_records_once(ledger):
         n_tx = len(ledger.tx_log)
         ledger.open_round(77, 1)
         ledger.record_updates(77, 1, [_entry(i, 1, run_id=77) for i in range(3)])
-        ledger.commit_aggregate(77, 1, "0x" + "11" * 32)
+        ledger.commit_aggregate(77, 1, "0x" + "11" * 32, DOC)
     finally:
         ledger._send = real
     assert len(ledger.tx_log) == n_tx + 3 and calls["n"] == 3

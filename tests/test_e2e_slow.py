@@ -1,8 +1,8 @@
 """Slow end-to-end runs through the real `flwr run` (Ray simulation), as a user runs them:
 the main job with the ledger on a real anvil and the audit at the end, a tampered artifact named
 by the audit, gossip with peer-side PageRank trust against an attacker, and server-side
-PageRank trust around Flower's Krum
-(audited: the trust scores are kept with each round's ledger record)."""
+PageRank trust around Flower's Krum (audited: the trust decision is part of each round's ledger
+record, and the audit recomputes Krum's aggregate from it)."""
 
 from __future__ import annotations
 
@@ -72,14 +72,15 @@ def test_pagerank_trust_around_flower_krum_through_flwr_run(tmp_path):
     for r in ("1", "2"):
         det = m["rounds"][r]["detection"]
         assert det["excluded"] == [2] and det["f1"] == 1.0, det
-        trust = m["rounds"][r]["trust-history"]["trust"]
-        assert trust["2"] < min(v for k, v in trust.items() if k != "2")
+        scores = m["rounds"][r]["trust"]["scores"]
+        assert scores["partition-2"] < min(v for k, v in scores.items() if k != "partition-2")
         with open(os.path.join(folder, "audit", f"round-000{r}", "round.json")) as fh:
             recorded = json.load(fh)
-        assert recorded["trust"]["trust"] == trust and recorded["trust"]["excluded"] == [2]
-        assert len(recorded["clients"]) == 4  # the attacker's update is on the ledger too
+        assert recorded["trust"]["scores"] == scores and recorded["trust"]["excluded"] == ["partition-2"]
+        assert len(recorded["updates"]) == 4  # the attacker's update is on the ledger too
     from fedledger.chain.audit import audit_run
 
     report = audit_run(folder)  # eth-tester: the events the run exported
     assert report.ok, report.table()
-    assert [r.status for r in report.rows if r.client == "trust"] == ["OK", "OK"]
+    # the aggregate follows from the recorded updates and the recorded trust decision
+    assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["Krum recomputed bit-exactly"] * 2

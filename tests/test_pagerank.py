@@ -1,24 +1,24 @@
-"""PageRankTrust on synthetic LoRA-shaped updates: exclusion, validation, wrapping, detection."""
+"""PageRank trust as a stage of the round pipeline, on synthetic LoRA-shaped updates: exclusion,
+anchors, history keyed by the resolved identity, wrapping Flower strategies, clip and reweight."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, Krum
 
 from fedledger.clients import attacks as A
+from fedledger.core import RoundPipeline
 from fedledger.strategies import pagerank as pr
 from fedledger.strategies.detection import detection_metrics, mean_detection
-from fedledger.strategies.kernels import as_numpy_dict, flatten, to_arrayrecord
-from fedledger.strategies.pagerank import PageRankTrust, trust_scores
+from fedledger.strategies.kernels import flatten
+from fedledger.strategies.pagerank import PageRankScorer, PageRankTrust, trust_scores
 
-from .conftest import make_reply
+from .replies import Partitions, node_ids, reply, run_round
 
 SHAPES = {"m.lora_A.weight": (8, 64), "m.lora_B.weight": (64, 8)}
 N, F = 10, 3  # 30 % attackers: partitions 0, 1, 2
+ATTACKERS = [f"partition-{p}" for p in range(F)]
 
 
 def _global(seed=0):
@@ -27,74 +27,66 @@ def _global(seed=0):
 
 
 def _honest(g, rng, base):
-    return {k: g[k] + base[k] + 1.0 * rng.normal(size=s).astype(np.float32) * np.abs(base[k]).mean() for k, s in SHAPES.items()}
+    return {k: g[k] + base[k] + 1.0 * rng.normal(size=s).astype(np.float32) * np.abs(base[k]).mean()
+            for k, s in SHAPES.items()}
 
 
-def _round(attack, seed=0, n=N, f=F, bad=None):
+def _round(attack, seed=0, n=N, f=F, bad=None, claims=None):
+    """(global, replies, reference, node ids): partition p is nodes[p]; partitions < f attack."""
     rng = np.random.default_rng(seed)
+    nodes = node_ids(n, seed=seed)
     g = _global(seed)
     base = {k: 0.05 * rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-    replies = []
+    replies, locals_ = [], []
     for pid in range(n):
         local = _honest(g, rng, base)
         if pid < f and attack != "none":
             local = A.apply_update_attack(attack, local, g, rng)
         if bad is not None and pid in bad:
             local = bad[pid](local)
-        replies.append(make_reply(local, num_examples=20, node_id=100 + pid, metrics={"partition-id": pid}))
+        locals_.append(local)
+        metrics = {"partition-id": (claims or {}).get(pid, pid)}  # what a client says about itself: never read
+        replies.append(reply(nodes[pid], local, num_examples=20, metrics=metrics))
     reference = _honest(g, rng, base)
-    return g, replies, reference
+    return g, replies, reference, nodes, locals_
 
 
-def _start(strategy, g, n=N):
-    grid = InProcessGrid(app=None, num_nodes=n, run_config={})
-    msgs = list(strategy.configure_train(1, to_arrayrecord(g), ConfigRecord(), grid))
-    assert len(msgs) == n
-    return msgs
-
-
-from fedledger.inprocess import InProcessGrid  # noqa: E402
+def _pipeline(nodes, **kw):
+    return RoundPipeline(PageRankTrust(**kw), identities=Partitions(nodes))
 
 
 @pytest.mark.parametrize("attack", ["sign-flip", "noise", "scale", "free-rider"])
 def test_trust_excludes_attackers_with_reference(attack):
-    g, replies, ref = _round(attack)
-    s = PageRankTrust(reference_fn=lambda rnd, arrays: ref, malicious=range(F), min_available_nodes=1, min_train_nodes=1)
-    _start(s, g)
-    arrays, metrics = s.aggregate_train(1, replies)
-    rec = s.trust_history[1]
-    assert sorted(rec["excluded"]) == list(range(F)), rec["trust"]
-    assert s.detection[1]["f1"] == 1.0
-    assert metrics["trust-excluded"] == F
+    g, replies, ref, nodes, locals_ = _round(attack)
+    agg, report = run_round(_pipeline(nodes, reference_fn=lambda rnd, arrays: ref, min_available_nodes=1), g,
+                            replies, nodes)
+    assert sorted(report.trust["excluded"]) == ATTACKERS, report.trust["scores"]
+    assert sorted(d["partition"] for d in report.distrusted) == list(range(F))
+    assert detection_metrics([d["partition"] for d in report.distrusted], range(F), range(N))["f1"] == 1.0
     # the aggregate stays close to the honest mean, far from the attackers' pull
-    honest_mean = np.mean([flatten(as_numpy_dict(r.content["arrays"])) for r in replies[F:]], axis=0)
-    new = flatten(as_numpy_dict(arrays))
-    assert np.linalg.norm(new - honest_mean) < 0.5 * np.linalg.norm(honest_mean - flatten(g))
+    honest_mean = np.mean([flatten(a) for a in locals_[F:]], axis=0)
+    assert np.linalg.norm(flatten(agg) - honest_mean) < 0.5 * np.linalg.norm(honest_mean - flatten(g))
 
 
 def test_no_attack_excludes_nobody():
-    g, replies, ref = _round("none")
-    s = PageRankTrust(reference_fn=lambda rnd, arrays: ref, malicious=[])
-    _start(s, g)
-    arrays, _ = s.aggregate_train(1, replies)
-    assert s.trust_history[1]["excluded"] == [] and arrays is not None
-    assert s.detection[1]["f1"] == 1.0
+    g, replies, ref, nodes, _ = _round("none")
+    agg, report = run_round(_pipeline(nodes, reference_fn=lambda rnd, arrays: ref), g, replies, nodes)
+    assert report.trust["excluded"] == [] and agg is not None and report.aggregated == N
 
 
 def test_median_anchor_without_reference_catches_colluding_sign_flip():
-    g, replies, _ = _round("sign-flip", seed=2)
-    s = PageRankTrust(malicious=range(F))
-    _start(s, g)
-    s.aggregate_train(1, replies)
-    assert s.trust_history[1]["anchor"] == "median"
-    assert sorted(s.trust_history[1]["excluded"]) == list(range(F))
+    g, replies, _, nodes, _ = _round("sign-flip", seed=2)
+    _, report = run_round(_pipeline(nodes), g, replies, nodes)
+    assert report.trust["anchor"] == "median"
+    assert sorted(report.trust["excluded"]) == ATTACKERS
 
 
-def test_invalid_updates_rejected_before_similarity(monkeypatch, caplog):
+def test_invalid_updates_are_rejected_before_any_similarity(monkeypatch):
     bad = {3: lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()},
            4: lambda a: {k: (np.zeros((2, 2), np.float32) if "lora_A" in k else v) for k, v in a.items()},
-           5: lambda a: {**a, "m.lora_B.weight": np.where(np.arange(a["m.lora_B.weight"].size).reshape(a["m.lora_B.weight"].shape) == 0, np.inf, a["m.lora_B.weight"]).astype(np.float32)}}
-    g, replies, ref = _round("none", bad=bad)
+           5: lambda a: {**a, "m.lora_B.weight": np.where(np.arange(64 * 8).reshape(64, 8) == 0, np.inf,
+                                                          a["m.lora_B.weight"]).astype(np.float32)}}
+    g, replies, ref, nodes, _ = _round("none", bad=bad)
     seen = {}
     real = pr.gram_with_reference
 
@@ -104,46 +96,73 @@ def test_invalid_updates_rejected_before_similarity(monkeypatch, caplog):
         return real(x, r)
 
     monkeypatch.setattr(pr, "gram_with_reference", spy)
-    s = PageRankTrust(reference_fn=lambda rnd, arrays: ref, malicious=[])
-    _start(s, g)
-    with caplog.at_level(logging.WARNING, logger="fedledger"):
-        s.aggregate_train(1, replies)
+    _, report = run_round(_pipeline(nodes, reference_fn=lambda rnd, arrays: ref), g, replies, nodes)
     assert seen["rows"] == N - 3
-    reasons = {r["partition-id"]: r["reason"] for r in s.trust_history[1]["rejected"]}
+    reasons = {r["partition"]: r["reason"] for r in report.rejected}
     assert set(reasons) == {3, 4, 5}
-    assert "NaN/Inf" in reasons[3] and "wrong shape" in reasons[4] and "NaN/Inf" in reasons[5]
-    assert "rejected update from node 103" in caplog.text
+    assert "NaN/Inf" in reasons[3] and "shape" in reasons[4] and "NaN/Inf" in reasons[5]
+
+
+def test_trust_history_is_keyed_by_the_resolved_identity_not_the_partition_a_client_claims():
+    """Partition 0 (an attacker) claims to be partition 5 in its metrics: its history stays its own."""
+    g, replies, ref, nodes, _ = _round("sign-flip", seed=3, claims={0: 5})
+    pipe = _pipeline(nodes, reference_fn=lambda rnd, arrays: ref)
+    _, report = run_round(pipe, g, replies, nodes)
+    assert "partition-0" in report.trust["excluded"] and "partition-5" not in report.trust["excluded"]
+    assert pipe.trust.state["partition-0"] < 0.5 < pipe.trust.state["partition-5"]
 
 
 @pytest.mark.parametrize("inner", [lambda: FedAvg(min_available_nodes=1, min_train_nodes=1),
                                    lambda: Krum(num_malicious_nodes=F, min_available_nodes=1, min_train_nodes=1)])
-def test_wrapper_around_flower_strategies(inner):
-    g, replies, ref = _round("sign-flip", seed=4)
-    s = PageRankTrust(inner(), reference_fn=lambda rnd, arrays: ref, malicious=range(F))
-    _start(s, g)
-    arrays, metrics = s.aggregate_train(1, replies)
-    assert arrays is not None and sorted(s.trust_history[1]["excluded"]) == list(range(F))
-    new = flatten(as_numpy_dict(arrays))
-    honest = np.mean([flatten(as_numpy_dict(r.content["arrays"])) for r in replies[F:]], axis=0)
-    flipped = np.mean([flatten(as_numpy_dict(r.content["arrays"])) for r in replies[:F]], axis=0)
-    assert np.linalg.norm(new - honest) < np.linalg.norm(new - flipped)
+def test_trust_in_front_of_flower_strategies(inner):
+    g, replies, ref, nodes, locals_ = _round("sign-flip", seed=4)
+    agg, report = run_round(RoundPipeline(PageRankTrust(inner(), reference_fn=lambda rnd, arrays: ref),
+                                          identities=Partitions(nodes)), g, replies, nodes)
+    assert agg is not None and sorted(report.trust["excluded"]) == ATTACKERS
+    honest = np.mean([flatten(a) for a in locals_[F:]], axis=0)
+    flipped = np.mean([flatten(a) for a in locals_[:F]], axis=0)
+    assert np.linalg.norm(flatten(agg) - honest) < np.linalg.norm(flatten(agg) - flipped)
     with pytest.raises(TypeError):
         PageRankTrust(FedAvg(), fraction_train=0.5)
 
 
 def test_history_carries_trust_across_rounds():
-    g, replies, ref = _round("sign-flip", seed=5)
-    s = PageRankTrust(reference_fn=lambda rnd, arrays: ref, malicious=range(F))
-    _start(s, g)
-    s.aggregate_train(1, replies)
-    assert s.trust_state[0] < 0.5 and s.trust_state[F] > 1.0
-    # round 2: no reference any more; history anchors trust
-    s.reference_fn = lambda rnd, arrays: None
-    g2, replies2, _ = _round("sign-flip", seed=6)
-    s.global_arrays = g2
-    s.aggregate_train(2, replies2)
-    assert s.trust_history[2]["anchor"] == "history"
-    assert sorted(s.trust_history[2]["excluded"]) == list(range(F))
+    g, replies, ref, nodes, _ = _round("sign-flip", seed=5)
+    scorer = PageRankScorer(reference_fn=lambda rnd, arrays: ref)
+    pipe = RoundPipeline(FedAvg(min_available_nodes=1), trust=scorer, identities=Partitions(nodes))
+    run_round(pipe, g, replies, nodes, server_round=1)
+    assert scorer.state["partition-0"] < 0.5 and scorer.state[f"partition-{F}"] > 1.0
+    # round 2: no reference any more; history anchors trust (same nodes, new updates)
+    scorer.reference_fn = None
+    g2, replies2, _, _, _ = _round("sign-flip", seed=5)
+    _, report = run_round(pipe, g2, replies2, nodes, server_round=2)
+    assert report.trust["anchor"] == "history"
+    assert sorted(report.trust["excluded"]) == ATTACKERS
+
+
+def test_clip_and_reweight_reach_the_inner_strategy():
+    g, replies, ref, nodes, _ = _round("scale", seed=7)
+    seen = {}
+
+    class Spy(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            seen["n"] = [float(r.content["metrics"]["num-examples"]) for r in replies]
+            seen["norms"] = [float(np.linalg.norm(flatten(r.content["arrays"]) - flatten(g))) for r in replies]
+            return super().aggregate_train(server_round, replies)
+
+    run_round(RoundPipeline(PageRankTrust(Spy(min_available_nodes=1, min_train_nodes=1),
+                                          reference_fn=lambda rnd, arrays: ref, reweight=True),
+                            identities=Partitions(nodes)), g, replies, nodes)
+    assert len(seen["n"]) == N - F and all(0 < n < 20 * 3 for n in seen["n"]) and len(set(seen["n"])) > 1
+    ref_norm = float(np.linalg.norm(flatten(ref) - flatten(g)))
+    assert max(seen["norms"]) <= ref_norm * (1 + 1e-4)
+
+
+def test_scorer_arguments_are_checked():
+    for bad in ({"anchor": "bogus"}, {"damping": 5}, {"threshold": -1}, {"norm_tol": 0.5}, {"history_weight": 1}):
+        with pytest.raises(ValueError):
+            PageRankScorer(**bad)
 
 
 def test_trust_scores_pure_and_equivariant():
@@ -182,34 +201,3 @@ def test_detection_metrics_known_case():
     assert detection_metrics([], [1], range(4))["f1"] == 0.0
     assert detection_metrics([1], [1, 9], range(4))["recall"] == 1.0  # 9 did not take part
     assert mean_detection([{"precision": 1, "recall": 0.5, "f1": 2 / 3}, {"precision": 0, "recall": 0, "f1": 0}])["recall"] == 0.25
-
-
-def test_kwargs_from_run_config():
-    kw = pr.pagerank_kwargs_from_config({"trust-threshold": 0.4, "trust-anchor": "median", "malicious": "0,3",
-                                         "trust-pretrusted": "1,2", "trust-clip": "false", "other": 1})
-    assert kw == {"threshold": 0.4, "anchor": "median", "malicious": [0, 3], "pretrusted": [1, 2], "clip": False}
-    PageRankTrust(**kw, fraction_train=1.0)  # accepted by the constructor, FedAvg kwargs too
-    with pytest.raises(ValueError, match="trust-anchor"):
-        pr.pagerank_kwargs_from_config({"trust-anchor": "x"})
-    with pytest.raises(ValueError, match="trust-threshold"):
-        pr.pagerank_kwargs_from_config({"trust-threshold": "high"})
-
-
-def test_wrapper_reweight_and_clip_forward_to_inner():
-    g, replies, ref = _round("scale", seed=7)
-    seen = {}
-
-    class Spy(FedAvg):
-        def aggregate_train(self, server_round, replies):
-            replies = list(replies)
-            seen["n"] = [float(r.content["metrics"]["num-examples"]) for r in replies]
-            seen["norms"] = [float(np.linalg.norm(flatten(as_numpy_dict(r.content["arrays"])) - flatten(g))) for r in replies]
-            return super().aggregate_train(server_round, replies)
-
-    s = PageRankTrust(Spy(min_available_nodes=1, min_train_nodes=1), reference_fn=lambda rnd, arrays: ref,
-                      reweight_inner=True)
-    _start(s, g)
-    s.aggregate_train(1, replies)
-    assert len(seen["n"]) == N - F and all(0 < n < 20 * 3 for n in seen["n"]) and len(set(seen["n"])) > 1
-    ref_norm = float(np.linalg.norm(flatten(ref) - flatten(g)))
-    assert max(seen["norms"]) <= ref_norm * (1 + 1e-4)

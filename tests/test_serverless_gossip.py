@@ -1,4 +1,5 @@
-"""Synchronous gossip relayed through Flower: consensus distance shrinks, drop-outs, bad payloads."""
+"""Synchronous gossip relayed through Flower: consensus distance shrinks, drop-outs, bad payloads,
+and topology peer i is the node holding partition i (node ids are random, as in a real run)."""
 
 import logging
 
@@ -6,39 +7,37 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedledger.inprocess import InProcessGrid
 from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
 from fedledger.strategies.peer import gossip_mix, metropolis_weights
-from fedledger.strategies.serverless import build_serverless_strategy
 
-from .test_serverless_helpers import adapter, expected_fedavg, fake_train_local, grid
+from .test_serverless_helpers import (
+    adapter, expected_fedavg, fake_app, fake_train_local, grid, maxdiff, run_relay, trained,
+)
 
 
 def _run(n, k=2, steps=1, rounds=1, g=None, topology="complete"):
-    g = g or grid(n)
-    s = build_serverless_strategy("gossip", {"gossip-k": k, "gossip-steps": steps, "topology": topology, "seed": 1}, n)
-    evals = []
-    res = s.start(grid=g, initial_arrays=to_arrayrecord(adapter(0)), num_rounds=rounds, evaluate_fn=lambda r, a: evals.append(r))
-    return s, res, evals
+    return run_relay("gossip", n, g=g, rounds=rounds, gossip_k=k, gossip_steps=steps, topology=topology, seed=1)
 
 
 def test_consensus_distance_shrinks_to_the_true_fedavg():
-    s, res, evals = _run(8, k=2, steps=12, topology="geometric")
-    assert evals == [0, 1]
-    cons = s.history[0]["consensus"]
+    res, _ = _run(8, k=2, steps=12, topology="geometric")
+    assert sorted(res.central) == [0, 1]
+    cons = res.history[0]["consensus"]
     maxes = [c["consensus-max"] for c in cons]
     means = [c["consensus-mean"] for c in cons]
     assert maxes[-1] < 0.1 * maxes[0] and means[-1] < 0.1 * means[0]
     assert all(b <= a * 1.05 for a, b in zip(means, means[1:]))  # (near-)monotone
     # the relay's reported mean equals FedAvg (mass conserved by the doubly stochastic mixing)
-    exp = expected_fedavg(adapter(0), range(8))
-    assert max(float(np.abs(as_numpy_dict(res.arrays)[k] - exp[k]).max()) for k in exp) < 1e-4
+    assert maxdiff(as_numpy_dict(res.arrays), expected_fedavg(adapter(0), range(8))) < 1e-4
 
 
 def test_each_round_reports_bytes_and_simulated_time():
-    s, _, _ = _run(6, k=1, rounds=6)
-    assert s.history[-1]["dissemination-seconds"] is not None  # round-1 updates reached everyone
-    assert s.history[0]["dissemination-seconds"] is None or s.history[0]["dissemination-seconds"] <= s.history[0]["sim-time"]
-    for h in s.history:
+    res, _ = _run(6, k=1, rounds=6)
+    h0 = res.history[0]
+    assert res.history[-1]["dissemination-seconds"] is not None  # round-1 updates reached everyone
+    assert h0["dissemination-seconds"] is None or h0["dissemination-seconds"] <= h0["sim-time"]
+    for h in res.history:
         assert h["total-peer-bytes"] == pytest.approx(2 * len(h["exchanges"][0]) * h["adapter-bytes"])
         assert h["sim-network-seconds"] > 0 and h["sim-round-seconds"] > h["sim-network-seconds"]
 
@@ -58,10 +57,52 @@ def test_metropolis_mixing_conserves_weighted_sum():
 
 def test_dropped_peer_is_skipped_and_round_completes():
     g = grid(6)
-    g.drop = {2}
-    s, res, evals = _run(6, g=g)
-    assert evals == [0, 1] and 1 not in s.history[0]["participants"]
-    assert all(1 not in e for ex in s.history[0]["exchanges"] for e in ex)
+    g.drop = {g.node_of[1]}
+    res, _ = _run(6, g=g)
+    h = res.history[0]
+    assert sorted(res.central) == [0, 1] and 1 not in h["participants"] and h["dropped"] == [1]
+    assert all(1 not in e for ex in h["exchanges"] for e in ex)
+    # the mass-weighted mean is conserved by the mixing: FedAvg of the peers that replied
+    assert maxdiff(as_numpy_dict(res.arrays), expected_fedavg(adapter(0), [0, 2, 3, 4, 5])) < 1e-5
+
+
+class Recording(InProcessGrid):
+    """Remembers, per partition, the neighbour models its node was handed in each mix step, and
+    every reply a node sent."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.mixed: dict[int, dict[int, dict]] = {}
+        self.replies: list[Message] = []
+
+    def _handle(self, msg):
+        if str(msg.content["config"].get("phase", "")) == "mix":
+            me = self.partition_of[msg.metadata.dst_node_id]
+            self.mixed[me] = {int(k[len("peer-"):]): as_numpy_dict(msg.content[k])
+                              for k in msg.content.array_records if k.startswith("peer-")}
+        reply = super()._handle(msg)
+        self.replies.append(reply)
+        return reply
+
+
+def test_topology_peer_i_is_the_node_holding_partition_i(tmp_path):
+    """A path 0 - 2 - 3 - 1 (partitions 0 and 1 at the ends): each node is handed exactly its
+    path neighbours' models, and the model named after partition 2 is the one the node holding
+    partition 2 trained."""
+    f = tmp_path / "path.txt"
+    f.write_text("0 2 0.01 1e6\n2 3 0.01 1e6\n3 1 0.01 1e6\n")
+    g = Recording(fake_app(), 4, {})
+    assert [g.partition_of[n] for n in g.get_node_ids()] != [0, 1, 2, 3]  # id order is not partition order
+    res, _ = _run(4, k=2, g=g, topology=str(f))
+    assert g.mixed.keys() == {0, 1, 2, 3}
+    assert {p: sorted(models) for p, models in g.mixed.items()} == {0: [2], 1: [3], 2: [0, 3], 3: [1, 2]}
+    for p, models in g.mixed.items():
+        for j, model in models.items():
+            assert maxdiff(model, trained(adapter(0), j)) == 0.0  # really partition j's own update
+    h = res.history[0]
+    assert h["exchanges"] == [[[0, 2], [1, 3], [2, 3]]]
+    assert set(h["link-bytes"]) == {"0->2", "2->0", "2->3", "3->2", "3->1", "1->3"}
+    assert not any("partition-id" in r.content.metric_records["metrics"] for r in g.replies)
 
 
 def test_malformed_neighbour_model_is_dropped_not_merged(caplog):

@@ -84,3 +84,41 @@ def test_fedavg_star_vs_ring_round_on_same_network():
     assert ring["total-bytes"] == pytest.approx(10 * 18 * nbytes / 10)
     srv = T.fedavg_round(topo, nbytes, server=3)
     assert srv["server"] == 3
+
+
+def test_direct_links_short_cut_only_when_no_relayed_path_can_be_faster():
+    """On a complete graph whose slowest link takes less than twice the fastest, every fastest
+    path is the link itself: paths and the latency matrix equal networkx's Dijkstra exactly."""
+    import networkx as nx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    g = nx.complete_graph(9)
+    for u, v in g.edges:
+        g.edges[u, v].update(latency=float(rng.uniform(0.010, 0.019)), bandwidth=float(rng.uniform(1e6, 1.9e6)))
+    topo = T.Topology(g)
+    for nbytes in (0.0, 5e4):
+        assert topo.direct_is_fastest(nbytes)
+        w = lambda a, b, d: d["latency"] + nbytes / d["bandwidth"]  # noqa: E731
+        dist = dict(nx.all_pairs_dijkstra_path_length(g, weight=w))
+        assert np.array_equal(topo.latency_matrix(nbytes), [[dist[a][b] for b in topo.nodes] for a in topo.nodes])
+        assert all(topo.path(a, b, nbytes) == nx.dijkstra_path(g, a, b, weight=w) for a in g for b in g if a != b)
+    g.edges[0, 1]["latency"] = 1.0  # now 0 -> x -> 1 beats the direct link
+    slow = T.Topology(g)
+    assert not slow.direct_is_fastest(0.0) and len(slow.path(0, 1)) == 3
+    assert not T.random_geometric(12, seed=3).direct_is_fastest(0.0)  # not every pair is linked
+
+
+def test_hub_round_on_a_complete_graph_needs_no_shortest_path_search(monkeypatch):
+    """The server's centre and the star phases of a complete graph with uniform links cost
+    O(N^2) (no Dijkstra at all), so the first hub round stays cheap for many peers."""
+    import networkx as nx
+
+    def refuse(*a, **kw):
+        raise AssertionError("shortest-path search on a complete graph with uniform links")
+
+    monkeypatch.setattr(nx, "dijkstra_path", refuse)
+    monkeypatch.setattr(nx, "all_pairs_dijkstra_path_length", refuse)
+    topo = T.complete(300)
+    star = T.fedavg_round(topo, 3.7e6, server="centre")
+    assert star["server"] == 0 and star["total-bytes"] == pytest.approx(2 * 299 * 3.7e6)
