@@ -164,7 +164,7 @@ def _writer(w3, rpc_url: str, private_key: str | None, private_key_file: str | N
     accounts = w3.eth.accounts
     if not accounts:
         raise LedgerError(f"no aggregator key and the node at {rpc_url} has no unlocked account; {NO_KEY_HINT}")
-    log.info("fedledger: no aggregator key given; writing with the node's first unlocked account %s (devnets "
+    log.info("no aggregator key given; writing with the node's first unlocked account %s (devnets "
              "only; on a real chain set $%s or aggregator-key-file)", accounts[0], KEY_ENV)
     return None, accounts[0]
 

@@ -171,7 +171,10 @@ class CentralEvaluation:
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             result = self._evaluate(server_round, arrays)
             report = pipeline.reports.get(server_round)
-            log.info("%s", logs.round_line(server_round, self.num_rounds, report.to_dict() if report else {}, result))
+            shown = report.to_dict() if report else {}
+            if report:  # the whole round as the user waited for it: train, aggregate, ledger, evaluation
+                shown["wall-seconds"] = time.perf_counter() - report.started
+            log.info("%s", logs.round_line(server_round, self.num_rounds, shown, result))
             return MetricRecord(result)
 
         return evaluate_fn
