@@ -197,7 +197,7 @@ def verify(folder: str, rpc_url=None) -> list:
         agg, n, digest, doc_hash = chain["commit"]
         for client, h, _, sig in chain["records"]:
             same = file_hash(os.path.join(rdir, "updates", client + ".safetensors")) == h
-            check(client, same, "update hash matches" if same else "stored update differs from the chain, or is missing")
+            check(client, same, "update hash matches" if same else "stored update differs from the chain or is gone")
             signed = signer_of_update(run_id, rnd, h, sig) == client
             check(client, signed, "signature recovers to the client" if signed else "signature is not the client's")
         check("records", n == len(chain["records"]) and digest == records_digest(chain["records"]),
@@ -210,7 +210,7 @@ def verify(folder: str, rpc_url=None) -> list:
             continue
         check("round.json", hashlib.sha256(doc_bytes).digest() == doc_hash, "sha256 is the committed document hash")
         doc = json.loads(doc_bytes)
-        check("run.json", "0x" + hashlib.sha256(run_bytes).hexdigest() == doc["run-hash"], "sha256 is round.json's run-hash")
+        check("run.json", "0x" + hashlib.sha256(run_bytes).hexdigest() == doc["run-hash"], "round.json's run-hash")
         listed = [(u["client"].lower(), u["update-hash"], u["num-examples"]) for u in doc["updates"] if u["client"]]
         check("round.json", listed == [(c, "0x" + h.hex(), k) for c, h, k, _ in chain["records"]],
               "lists the records on chain (clients, hashes, num-examples, order)")

@@ -287,3 +287,17 @@ def test_the_runtime_is_told_by_the_flower_modules_that_call_client_apps():
         namespace = {"__name__": module, "runtime": mods.flower_runtime}
         exec("def call():\n    return runtime()\n", namespace)  # noqa: S102
         assert namespace["call"]() == runtime
+
+
+# ---------------------------------------------------------------------------- the fedledger ClientApp
+def test_the_fedledger_clientapp_answers_its_identity_with_the_mods_key_or_the_reason_it_has_none(tmp_path):
+    from fedledger.client_app import app as fedledger_app
+    from fedledger.identity import MESSAGE_TYPE, Roster
+
+    query = Message(RecordDict({"config": ConfigRecord({"run-id": RUN})}), dst_node_id=7, message_type=MESSAGE_TYPE)
+    roster = Roster(RUN, 2, signing=True, expected_signers={1: signing.simulation_account(1).address})
+    good = fedledger_app(query, context(1, run_config={"audit": "eth-tester"}))
+    assert roster._check(7, good)[0].signer == signing.simulation_account(1).address
+    keyless = fedledger_app(query, context(1, run_config={"audit": "eth-tester"}, **{"key-file": str(tmp_path / "k")}))
+    ident, reason = roster._check(7, keyless)
+    assert ident is None and reason.startswith("the node says: node key file") and "check key-file" in reason

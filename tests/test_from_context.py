@@ -38,8 +38,9 @@ def test_absent_keys_take_fedledgers_defaults_but_audit_is_on():
 
 
 def test_run_config_values_are_read_as_the_fedledger_app_reads_them():
-    config = LedgerConfig.from_run_config({"audit": "eth-tester", "registry-address": 0x5FbDB2315678afecb367f032d93F642f64180aa3,
-                                           "chain-id": 31337.0, "run-dir": "/tmp/x"}, rpc_url="http://node:8545")
+    unquoted = 0x5FbDB2315678afecb367f032d93F642f64180aa3   # registry-address=0x5FbD... without quotes: a TOML integer
+    config = LedgerConfig.from_run_config({"audit": "eth-tester", "registry-address": unquoted, "chain-id": 31337.0,
+                                           "run-dir": "/tmp/x"}, rpc_url="http://node:8545")
     assert config.registry_address == "0x5fbdb2315678afecb367f032d93f642f64180aa3"
     assert config.chain_id == 31337 and config.rpc_url == "http://node:8545" and config.run_dir == "/tmp/x"
 
