@@ -25,7 +25,7 @@ from . import logs
 logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at import time
 
 import numpy as np  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedledger.chain.mods import NodeKey, SigningKeyError, audit_mod, node_key  # noqa: E402
