@@ -26,6 +26,7 @@ logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at i
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from fedledger.chain.store import new_run_folder  # noqa: E402
 from fedledger.clients import model as model_lib  # noqa: E402
 from fedledger.clients import train as train_lib  # noqa: E402
 from fedledger.clients.data import DataError  # noqa: E402
@@ -134,10 +135,7 @@ def audit_trail(settings: Settings, folder: str, run_id: int):
 
 
 def run_folder(settings: Settings, run_id: int) -> str:
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-    path = os.path.abspath(os.path.join(os.path.expanduser(settings.run.run_dir), name))
-    os.makedirs(path, exist_ok=True)
-    return path
+    return new_run_folder(settings.run.run_dir, run_id)
 
 
 def reference_fn(task, settings: Settings):
