@@ -439,24 +439,26 @@ class RunAudit:
 
     def _updates(self, rnd: int, chain: _Round, doc: dict | None, rows: list[Row]) -> list[tuple] | None:
         """One row per accepted update; the replay's entries, or None when some are unavailable."""
-        listed = doc.get("updates", []) if doc is not None else [
-            {"client": e["client"], "num-examples": e["num-examples"], "update-hash": e["update-hash"]}
-            for e in chain.records]
         if doc is not None:
-            signed = [(u["client"].lower(), u["update-hash"], int(u["num-examples"])) for u in listed if u.get("client")]
+            signed = [(u["client"].lower(), u["update-hash"], int(u["num-examples"])) for u in doc.get("updates", [])
+                      if u.get("client")]
             on_chain = [(e["client"].lower(), e["update-hash"], int(e["num-examples"])) for e in chain.records]
             if signed != on_chain:
                 rows.append(Row(rnd, "round.json", "MISMATCH", "the updates round.json lists are not the records on "
                                                                 "chain (clients, hashes, num-examples, order)", "document"))
                 doc = None
+        # a verified round document lists every accepted update; otherwise every record on chain is checked
+        listed = doc.get("updates", []) if doc is not None else [
+            {"client": e["client"], "num-examples": e["num-examples"], "update-hash": e["update-hash"]}
+            for e in chain.records]
         by_client = {e["client"].lower(): e for e in chain.records}
         entries: list[tuple] | None = []
         for u in listed:
             record = by_client.get(str(u.get("client")).lower())
             row, arrays = self._update(rnd, u, record, chain, doc)
             rows.append(row)
-            if arrays is None or doc is None or entries is None:
-                entries = None
+            if arrays is None or doc is None or entries is None or row.status not in ("OK", "UNSIGNED"):
+                entries = None   # the replay uses verified records only
                 continue
             ident = Identity(int(u["node-id"]), u.get("partition"))
             weight = int(record["num-examples"]) if record is not None else int(u["num-examples"])  # the signed count
@@ -476,13 +478,13 @@ class RunAudit:
                                                f"bytes match round.json"), arrays
         if record is None:
             return Row(rnd, client, "MISSING", "listed in round.json but not recorded on chain"), None
+        if client.lower() not in self.enrolment.at(record["block"], record["log-index"]):
+            return Row(rnd, client, "NOT-ENROLLED", f"the admin had not enrolled {client} when round {rnd} recorded "
+                                                    f"it (block {record['block']})"), None
         h, arrays = _hash_file(self.store.update_path(rnd, client))
         status = _file_status(h, record["update-hash"], "stored update", "chain")
         if status is not None:
             return Row(rnd, client, *status), None
-        if client.lower() not in self.enrolment.at(record["block"], record["log-index"]):
-            return Row(rnd, client, "NOT-ENROLLED", f"the admin had not enrolled {client} when round {rnd} recorded "
-                                                    f"it (block {record['block']})"), arrays
         signed, detail = self._signature(rnd, record, self._round_global(chain), doc)
         if signed is not None:
             return Row(rnd, client, signed, detail), arrays
@@ -539,14 +541,14 @@ class RunAudit:
 
     def _drop_claims(self, rnd: int, doc: dict) -> list[Row]:
         """Refusals listed in round.json in which a client says an earlier round dropped it."""
-        contested = {(e["round"], e["client"].lower()) for e in self.chain.events if e["event"] == "Contested"}
+        contested = {(e["round"], e["update-hash"]) for e in self.chain.events if e["event"] == "Contested"}
         rows = []
         for r in doc.get("rejected", []):
             m = DROP_CLAIM.search(str(r.get("reason", "")))
             if m is None:
                 continue
             claimed, who = int(m.group(1)), r.get("signer") or _rejected_label(r)
-            if (claimed, str(who).lower()) in contested:
+            if (claimed, m.group(2)) in contested:   # the contest row already shows it, with the proof
                 continue
             rows.append(Row(claimed, str(who), "DROPPED", f"claimed in its refusal of round {rnd} (round.json): its "
                                                           f"signed update {m.group(2)[:12]}... is not in round "

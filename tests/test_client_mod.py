@@ -111,6 +111,13 @@ def test_the_mod_signs_any_arrayrecord_key_tensor_names_and_dtypes_and_the_audit
     assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2
 
 
+def test_on_an_in_process_chain_a_node_trains_without_the_inclusion_check_and_says_so_once(chain, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_audited(audited(plain_app()), chain, tmp_path, rounds=2)
+    lines = [r.getMessage() for r in caplog.records if "without the inclusion check" in r.getMessage()]
+    assert len(lines) == 2 and all("eth-tester chain inside the ServerApp's process" in line for line in lines)
+
+
 def test_the_signed_reply_is_the_handler_reply_plus_one_audit_record():
     app = plain_app("weights")
     bare = app(train_message(), context(1))
