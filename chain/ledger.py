@@ -301,6 +301,24 @@ class Ledger:
                    account=account, **kw)
 
     @classmethod
+    def deploy(cls, rpc_url: str, aggregator: str, admin_key: str | None = None, admin_key_file: str | None = None,
+               artifact: str = ARTIFACT, **kw) -> "Ledger":
+        """The admin deploys a new registry on the node at ``rpc_url`` naming ``aggregator``; returns
+        the admin's writer (``fedledger registry deploy``)."""
+        from web3 import HTTPProvider, Web3
+
+        if not Web3.is_address(aggregator):
+            raise LedgerError(f"aggregator {aggregator!r} is not an Ethereum address")
+        w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": kw.get("timeout", 30.0)}))
+        _node_chain_id(w3, rpc_url)
+        account, sender = _writer(w3, rpc_url, "admin", admin_key, admin_key_file)
+        if sender.lower() == aggregator.lower():
+            raise LedgerError(f"the admin and the aggregator are the same account {sender}; the admin (who enrols "
+                              f"the clients) must have a key of its own: {_hint('admin')}")
+        return cls._deploy(w3, load_artifact(artifact), account, sender, Web3.to_checksum_address(aggregator), "anvil",
+                           rpc_url, **kw)
+
+    @classmethod
     def _deploy(cls, w3, art, admin_account, admin_sender, aggregator, kind, rpc_url, **kw) -> "Ledger":
         """Deploy a registry from the admin's account; returns the admin's writer."""
         factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])

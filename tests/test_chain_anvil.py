@@ -207,3 +207,42 @@ def test_ensure_running_starts_a_local_devnet_once(tmp_path):
         devnet.stop(d)
     with pytest.raises(LedgerError, match="cannot reach"):
         devnet.ensure_running(rpc_url="http://10.255.255.1:8545", state_dir=d)
+
+
+@needs_anvil
+def test_the_admin_deploys_and_enrols_with_the_cli_and_the_aggregator_runs_on_that_registry(anvil, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A deployment's division of labour: the admin (its own key) deploys the registry naming the
+    aggregator and enrols the clients; the aggregator (another key) attaches with enrol="none"."""
+    from fedledger.chain import signing
+
+    admin, aggregator = Account.create(), Account.create()
+    for account in (admin, aggregator):
+        devnet.rpc_call(anvil["url"], "anvil_setBalance", [account.address, hex(10**19)])
+    (tmp_path / "admin.key").write_text(admin.key.to_0x_hex())
+    base = ["--rpc-url", anvil["url"], "--admin-key-file", str(tmp_path / "admin.key")]
+    assert cli(["registry", "deploy", "--aggregator", aggregator.address, *base]) == 0
+    registry = capsys.readouterr().out.split()[1]
+    fed = Federation(run_id=RUN)
+    clients = [fed.address(i) for i in range(3)]
+    assert cli(["registry", "enrol", *clients, "--registry-address", registry, "--fund-devnet", *base]) == 0
+    assert "enrolled 3 of 3 signer(s), funded 3 (devnet)" in capsys.readouterr().out
+    assert cli(["registry", "show", "--registry-address", registry, "--rpc-url", anvil["url"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["admin"] == admin.address and shown["aggregator"] == aggregator.address
+    assert shown["enrolled"] == sorted(c.lower() for c in clients)
+    assert cli(["registry", "enrol", signing.simulation_account(9).address, "--registry-address", registry,
+                "--rpc-url", anvil["url"]]) == 2      # the devnet's own admin account is not this registry's admin
+    assert "is administered by" in capsys.readouterr().err
+
+    from flwr.serverapp.strategy import FedAvg
+
+    monkeypatch.setenv(KEY_ENV, aggregator.key.to_0x_hex())
+    ledger = build_ledger("anvil", anvil["url"], registry)
+    pipeline = OnChainAudit(FedAvg(), ledger, ArtifactStore(str(tmp_path / "run")), fed.run_id, enrol="none")
+    fed.drive(pipeline)
+    assert audit_run(str(tmp_path / "run"), admin=admin.address).ok
+    assert cli(["audit", str(tmp_path / "run"), "--admin", aggregator.address]) == 1   # not the admin you trust
+    assert "not the admin you trust" in capsys.readouterr().out
+    assert cli(["registry", "revoke", clients[0], "--registry-address", registry, *base]) == 0
+    assert not ledger.is_enrolled(clients[0])
