@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check an audited fedledger run against its chain with the Python standard library only.
 
-    python3 scripts/verify_run.py RUN_FOLDER [--rpc-url URL] [--registry-address ADDRESS]
+    python3 scripts/verify_run.py RUN_FOLDER [--rpc-url URL] [--registry-address ADDRESS] [--admin ADDRESS]
 
 For someone who does not trust fedledger's code: JSON-RPC over urllib, SHA-256 from hashlib,
 and keccak-256 and secp256k1 public-key recovery written out below. The run folder is only a
@@ -10,7 +10,10 @@ hint: the chain id is read from the node, the events from the registry's own dep
 re-hashes every stored file in the canonical format (README, "Audit it without fedledger") and
 checks it against what the chain recorded, checks that every recorded signer was enrolled by
 the registry's admin when it was recorded, recovers the signer of every EIP-712 signature on
-chain, and lists every contest (a client's proof that a round left it out) as a failure. It
+chain, and lists every contest (a client's proof that a round left it out) as a failure.
+Enrolment proves membership only as far as the registry's admin is honest: ``--admin`` names the
+admin you trust (a registry administered by another fails); without it the admin is printed,
+not checked. It
 does NOT recompute aggregates (``fedledger audit`` does), nor compare the registry's code with
 UpdateRegistry.sol (compile it and compare ``eth_getCode``, immutables masked).
 Exit 0: every check passed; 1: a check failed; 2: bad input.
@@ -233,7 +236,7 @@ def records_digest(records) -> bytes:
 
 
 # ---------------------------------------------------------------- the checks
-def verify(folder: str, rpc_url=None, registry_address=None) -> list:
+def verify(folder: str, rpc_url=None, registry_address=None, trusted_admin=None) -> list:
     """(round, subject, ok, detail) for every check."""
     audit = folder if os.path.basename(os.path.normpath(folder)) == "audit" else os.path.join(folder, "audit")
     with open(os.path.join(audit, "run.json"), "rb") as fh:
@@ -248,6 +251,10 @@ def verify(folder: str, rpc_url=None, registry_address=None) -> list:
     admin, aggregator = ("0x" + view(url, registry, f"{name}()")[12:].hex() for name in ("admin", "aggregator"))
     chain = registry_events(url, registry, run_id, int.from_bytes(view(url, registry, "deployBlock()"), "big"))
     check = lambda rnd, subject, ok, detail: out.append((rnd, subject, bool(ok), detail))  # noqa: E731
+    print(f"registry {registry} on chain {chain_id}: admin {admin}, aggregator {aggregator}"
+          + ("" if trusted_admin else " (admin not checked: pass --admin ADDRESS to require the one you trust)"))
+    if trusted_admin:
+        check(0, "admin", admin == trusted_admin.lower(), f"the registry's admin is the one you trust ({trusted_admin})")
     if chain["run"] is None:
         check(0, "run.json", False, "the registry has no run record (RunOpened) of this run")
         return out
@@ -312,7 +319,7 @@ def verify(folder: str, rpc_url=None, registry_address=None) -> list:
 
 def main(argv) -> int:
     args, hints = list(argv), {}
-    for flag in ("--rpc-url", "--registry-address"):
+    for flag in ("--rpc-url", "--registry-address", "--admin"):
         if flag in args:
             i = args.index(flag)
             if i + 1 >= len(args):
@@ -324,7 +331,7 @@ def main(argv) -> int:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     try:
-        checks = verify(args[0], hints.get("--rpc-url"), hints.get("--registry-address"))
+        checks = verify(args[0], hints.get("--rpc-url"), hints.get("--registry-address"), hints.get("--admin"))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"verify_run: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """scripts/verify_run.py, the standard-library verifier: its keccak-256, secp256k1 recovery and
 canonical hash agree with the libraries fedledger uses, and on a real anvil it passes an honest
 run and catches an aggregator that forges a signature, edits a round document, drops a stored
-file, or keeps an unsigned update's bytes but changes them. (A real `flwr run` of a third-party
+file, or keeps an unsigned update's bytes but changes them, and a registry administered by
+someone other than the admin the verifier trusts. (A real `flwr run` of a third-party
 app is checked in tests/test_flowerapp.py.)"""
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ def test_an_honest_run_passes_and_each_tampering_is_named(anvil, tmp_path):  # n
     assert rc == 0 and failed(out) == [], out
     assert out.count("EIP-712 signature recovers to the client") == 4 and out.count("UNSIGNED: bytes match") == 2
     assert out.count("enrolled by the admin when recorded") == 4 and "sha256 is the run hash recorded" in out
+    admin = pipeline.trail.ledger.admin_address()
+    assert f"admin {admin.lower()}" in out and "admin not checked: pass --admin" in out
+    assert run_script(str(tmp_path), "--admin", admin)[0] == 0
+    rc, out = run_script(str(tmp_path), "--admin", fed.address(0))      # an admin you do not trust
+    assert rc == 1 and failed(out) == [("0", "admin")], out
     store = pipeline.trail.store
 
     flip(store.update_path(1, f"node-{fed.nodes[2]}"), -1)                      # an unsigned update's bytes
