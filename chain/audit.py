@@ -1,34 +1,57 @@
 """Audit a recorded run: the chain's records against the stored files, and every aggregate recomputed.
 
-The auditor trusts only the chain. Each committed round binds, by hash, the round document
-(``round.json``: global adapter, accepted updates in record order, refused replies, trust
-decision, aggregate), which in turn binds ``run.json`` (the rule and its parameters). Walking
-the rounds in order, one row per finding:
+The auditor takes its inputs from the chain. The registry address and chain id it is given (on
+the command line, or by the run folder's ``run.json``) are hints it checks: the node must be
+that chain, the code at that address this version's UpdateRegistry, and the events are read
+from the registry's own deploy block (read from the chain, never from ``run.json``). The run
+folder is untrusted data that must hash to what the chain says:
 
-- ``OK``             a client's stored update hashes to its record on chain and its signature
-                     recovers to the recorded client; an aggregate recomputed bit-exactly;
-- ``MISMATCH``       bytes or records that differ from what the chain committed: a stored update,
-                     global or aggregate; ``round.json`` / ``run.json``; a round that did not start
-                     from the previous round's aggregate; an aggregate that is not what the rule
-                     computes from the recorded updates and trust decision (names round and rule);
-- ``MISSING``        a file, a record or a commit that should be there and is not;
-- ``BAD-SIGNATURE``  a signature on chain that does not recover to the recorded client;
+- ``run.json`` must hash to the run hash the registry recorded at ``openRun``; only then are its
+  rule, parameters, trust settings and layout used to recompute the aggregates, and its
+  registry, chain id, admin, aggregator and enrolled set must be the chain's;
+- each ``round.json`` must hash to the document hash committed with the round; its global
+  adapter must be the one the registry opened the round with (the last committed aggregate),
+  and its signed updates the records on chain.
+
+Then, walking the rounds in order, one row per finding:
+
+- ``OK``             a client's stored update hashes to its record on chain, its signer was
+                     enrolled when it was recorded, and its EIP-712 signature over (chain id,
+                     registry, run id, round, the round's global, update hash, example count)
+                     recovers to the recorded client; an aggregate recomputed bit-exactly from
+                     the recorded updates with their *signed* example counts;
+- ``MISMATCH``       bytes or records that differ from what the chain committed (a stored file,
+                     ``round.json``, ``run.json``); a client that signed for another global than
+                     the round's; an aggregate that is not what the rule computes from the
+                     recorded updates and trust decision (names round and rule);
+- ``MISSING``        a file, a record, a run record or a commit that should be there and is not;
+- ``BAD-SIGNATURE``  a signature on chain that does not recover to the recorded client over the
+                     recorded fields (an inflated example count, a record replayed from another
+                     registry, chain, run or round);
+- ``NOT-ENROLLED``   a record whose signer the admin had not enrolled (or had revoked) when it
+                     was recorded (the registry refuses these; a node or a copy that shows one
+                     is not telling the truth);
+- ``DROPPED``        an enrolled client's signed commitment for a round that does not record it:
+                     posted by the client with ``contest`` (the proof, on chain), or claimed in
+                     a refusal the round document lists (not proven);
 - ``NO-AGGREGATE``   a committed round whose aggregate hash is zero: the run learned nothing;
 - ``REJECTED``       a reply the aggregator refused, with its reason (counted, not a problem);
 - ``UNSIGNED``       an update accepted without a signed record (``require_audit_record=False``):
                      its bytes match the round document, but nobody signed it;
 - ``NOT-RECOMPUTED`` the aggregate's hash matches, but the rule cannot be replayed (a user's own
-                     class, custom callables) or its inputs are unavailable.
+                     class, custom callables, a run record the chain does not vouch for) or its
+                     inputs are unavailable;
+- ``NO-CHAIN``       the events are the run folder's ``events.jsonl``: the copy an eth-tester run
+                     kept of a chain that ended with it, written by the aggregator itself.
 
-The aggregate is recomputed with ``fedledger.core.replay.Replay`` (the same trust and
-aggregation code the round ran) from the stored global of each round, the recorded updates in
-record order and the recorded trust decision; stateful rules (FedAdam, FedYogi, FedAdagrad,
-FedAvgM) are replayed round by round. Verdict and exit code (:attr:`AuditReport.exit_code`):
-0 every record verified, 1 problems found, 3 no problem found but not everything verified.
+Verdict and exit code (:attr:`AuditReport.exit_code`): 0 every record verified, 1 problems found,
+3 no problem found but not everything verified. What the audit proves, and what stays trusted
+(the chain node it reads, the admin), is in docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -44,26 +67,27 @@ from fedledger.core.update import Identity
 
 from .hashing import bytes_hash, update_hash
 from .ledger import Ledger, LedgerError, records_digest
-from .signing import recover_signer
+from .signing import Commitment, recover
 from .store import ArtifactStore
 from .trail import ZERO_HASH
 
-PROBLEMS = ("MISMATCH", "MISSING", "BAD-SIGNATURE", "NO-AGGREGATE")
-UNVERIFIED = ("NOT-RECOMPUTED", "UNSIGNED")
+PROBLEMS = ("MISMATCH", "MISSING", "BAD-SIGNATURE", "NOT-ENROLLED", "DROPPED", "NO-AGGREGATE")
+UNVERIFIED = ("NOT-RECOMPUTED", "UNSIGNED", "NO-CHAIN")
 #: Rules whose server state carries over from round to round: once a round cannot be replayed,
 #: the later rounds cannot be either.
 STATEFUL = {"FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"}
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
-
 STATUSES = ("OK", *PROBLEMS, "REJECTED", *UNVERIFIED)
-KINDS = ("update", "rejected", "aggregate", "global", "document")
+KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest")
+#: how a client's refusal names the round it was dropped from (chain.inclusion writes it)
+DROP_CLAIM = re.compile(r"my signed record of round (\d+) \(update (0x[0-9a-f]{64})\) is not on chain")
 
 
 @dataclass(frozen=True)
 class Row:
     round: int
-    client: str          # signer address, identity key, or what the row is about ("aggregate", "global", "round.json")
+    client: str          # signer address, identity key, or what the row is about ("aggregate", "global", "run.json")
     status: str          # one of STATUSES
     detail: str = ""
     kind: str = "update"  # one of KINDS
@@ -82,6 +106,10 @@ class AuditReport:
     rule: str
     rows: tuple[Row, ...]
     seconds: float = 0.0
+    admin: str = "?"
+    aggregator: str = "?"
+    enrolled: int = 0
+    admin_pinned: bool = False
 
     def _with(self, statuses) -> list[Row]:
         return [r for r in self.rows if r.status in statuses]
@@ -118,6 +146,8 @@ class AuditReport:
         if self.problems:
             return f"audit: {len(self.problems)} problem(s) found"
         gaps = []
+        if self._with(("NO-CHAIN",)):
+            gaps.append("the events are the aggregator's own copy (no chain to check them against)")
         if self.not_recomputed:
             reasons = "; ".join(dict.fromkeys(r.detail for r in self.not_recomputed))
             gaps.append(f"{len(self.not_recomputed)} aggregate(s) NOT RECOMPUTED ({reasons})")
@@ -132,38 +162,110 @@ class AuditReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "exit-code": self.exit_code, "verdict": self.verdict, "run-id": self.run_id,
                 "registry-address": self.registry, "chain-id": self.chain_id, "source": self.source,
-                "rule": self.rule, "seconds": round(self.seconds, 3),
+                "rule": self.rule, "admin": self.admin, "admin-pinned": self.admin_pinned,
+                "aggregator": self.aggregator, "enrolled": self.enrolled, "seconds": round(self.seconds, 3),
                 "records": sum(1 for r in self.rows if r.kind == "update"), "problems": len(self.problems),
                 "rejected": len(self.rejected), "not-recomputed": len(self.not_recomputed),
                 "unsigned": len(self.unsigned), "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
+        pin = "pinned with --admin" if self.admin_pinned else "not pinned: pass --admin ADDRESS to require it"
         lines = [f"audit of run {self.run_id} ({self.rule}): registry {self.registry} on chain {self.chain_id} "
                  f"({self.source})",
+                 f"admin {self.admin} ({pin}), aggregator {self.aggregator}, {self.enrolled} signer(s) enrolled at "
+                 f"run open",
                  f"{'round':>5}  {'client':<42}  {'status':<14}  detail"]
         lines += [f"{r.round:>5}  {r.client:<42}  {r.status:<14}  {r.detail}" for r in self.rows]
         lines.append(self.verdict)
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- what the chain says
+@dataclass
+class ChainRecord:
+    """Everything the audit takes from the chain (or, for an eth-tester run, from its copy)."""
+
+    source: str
+    verified: bool                  # False: the aggregator's own copy (events.jsonl)
+    chain_id: int
+    registry: str
+    admin: str
+    aggregator: str
+    deploy_block: int | None
+    events: list[dict]              # the run's events, in chain order
+    enrolment: list[dict]           # Enrolled / Revoked events, in chain order
+
+    def enrolled_at(self) -> "Enrolment":
+        return Enrolment(self.enrolment)
+
+
+class Enrolment:
+    """Who was enrolled at any point of the chain (events replayed in order)."""
+
+    def __init__(self, events: list[dict]):
+        self._keys = [(int(e["block"]), int(e["log-index"])) for e in events]
+        self._events = events
+
+    def at(self, block: int, log_index: int) -> set[str]:
+        """The enrolled signers (lower case) just before the event at (block, log index)."""
+        now: set[str] = set()
+        for e in self._events[:bisect.bisect_left(self._keys, (int(block), int(log_index)))]:
+            (now.add if e["event"] == "Enrolled" else now.discard)(e["signer"].lower())
+        return now
+
+
+def read_chain(run: Mapping, store: ArtifactStore, rpc_url: str | None, registry_address: str | None,
+               ledger: Ledger | None) -> tuple[ChainRecord, Ledger | None]:
+    """The chain's record of the run: from ``ledger`` when given; else from the node at ``rpc_url``
+    (default: the one ``run.json`` names) and ``registry_address`` (default: ``run.json``'s), both
+    checked (chain id read from the node, the registry's code, its own deploy block); else, for an
+    eth-tester run, its exported copy."""
+    run_id = int(run["run-id"])
+    if ledger is None and run.get("kind") == "eth-tester" and not rpc_url:
+        events = store.read_events()
+        return ChainRecord("eth-tester: the in-process chain ended with the run; events from the run folder's copy",
+                           False, int(run.get("chain-id", 0)), str(run.get("registry-address", "?")),
+                           str(run.get("admin", "?")), str(run.get("aggregator", "?")), None,
+                           [e for e in events if e.get("run-id") == run_id],
+                           sorted((e for e in events if e["event"] in ("Enrolled", "Revoked")),
+                                  key=lambda e: (e["block"], e["log-index"]))), None
+    if ledger is None:
+        url = rpc_url or run.get("rpc-url")
+        if not url:
+            raise LedgerError(f"{store.run_path} names no RPC URL; pass --rpc-url")
+        ledger = Ledger.connect(url, registry_address or run.get("registry-address"), read_only=True)
+        source = f"live chain at {url}"
+    else:
+        if not ledger.code_is_registry():
+            raise LedgerError(f"the contract at {ledger.address} is not this version's UpdateRegistry")
+        source = f"live chain ({ledger.kind})"
+    reader = Ledger(ledger.w3, ledger.contract, None, ledger.kind, ledger.rpc_url,
+                    deploy_block=ledger.registry_deploy_block())
+    events = reader.registry_events()   # one read: the run's events and the enrolment history
+    return ChainRecord(source, True, reader.chain_id, reader.address, reader.admin_address(),
+                       reader.aggregator_address(), reader.deploy_block,
+                       [e for e in events if e.get("run-id") == run_id],
+                       [e for e in events if e["event"] in ("Enrolled", "Revoked")]), ledger
+
+
 # ---------------------------------------------------------------------------- the entry point
 def audit_run(run_folder: str, rpc_url: str | None = None, registry_address: str | None = None,
-              ledger: Ledger | None = None, atol: float = 0.0) -> AuditReport:
+              ledger: Ledger | None = None, atol: float = 0.0, admin: str | None = None) -> AuditReport:
     """Audit the run stored in ``run_folder`` (the run folder or its ``audit/`` subfolder).
 
-    Events come from ``ledger`` when given, else from the chain the run used (``rpc_url`` /
-    ``registry_address`` override it), else, for an eth-tester run, from the events exported
-    while it ran. Bad input raises a one-line :class:`LedgerError`."""
+    The chain is ``ledger`` when given, else the node and registry the run used (``rpc_url`` /
+    ``registry_address`` override them), else, for an eth-tester run, the events exported while
+    it ran. ``admin``: the admin address the auditor trusts (flagged when the registry's differs).
+    Bad input raises a one-line :class:`LedgerError`."""
     start = time.perf_counter()
     store = ArtifactStore(run_folder, create=False)
     run_bytes, run = _read_run(store)
-    run_id = int(run["run-id"])
-    events, source, ledger = _events(run, store, run_id, rpc_url, registry_address, ledger)
-    replay = Replay(run)
-    rows = RunAudit(run, bytes_hash(run_bytes), store, replay, atol).rows(events)
-    return AuditReport(run_id, ledger.address if ledger else run.get("registry-address", "?"),
-                       ledger.chain_id if ledger else run.get("chain-id", 0), source, replay.rule, tuple(rows),
-                       time.perf_counter() - start)
+    chain, _ = read_chain(run, store, rpc_url, registry_address, ledger)
+    walk = RunAudit(run, run_bytes, store, chain, atol, admin)
+    rows = walk.rows()
+    return AuditReport(walk.run_id, chain.registry, chain.chain_id, chain.source, walk.replay.rule, tuple(rows),
+                       time.perf_counter() - start, admin=chain.admin, aggregator=chain.aggregator,
+                       enrolled=len(walk.enrolled_at_open), admin_pinned=admin is not None)
 
 
 def _read_run(store: ArtifactStore) -> tuple[bytes, dict]:
@@ -179,43 +281,35 @@ def _read_run(store: ArtifactStore) -> tuple[bytes, dict]:
     return loaded
 
 
-def _events(run: dict, store: ArtifactStore, run_id: int, rpc_url, registry_address, ledger):
-    if ledger is not None:
-        return ledger.events(run_id), f"live chain ({ledger.kind})", ledger
-    if run.get("kind") == "eth-tester" and not rpc_url:
-        return (store.read_events(), "eth-tester: the in-process chain ended with the run; events exported at run time",
-                None)
-    url = rpc_url or run.get("rpc-url")
-    if not url:
-        raise LedgerError(f"{store.run_path} names no RPC URL; pass --rpc-url")
-    ledger = Ledger.connect(url, registry_address or run.get("registry-address"),
-                            chain_id=None if registry_address else run.get("chain-id"),
-                            deploy_block=run.get("deploy-block", 0), read_only=True)
-    return ledger.events(run_id), f"live chain at {url}", ledger
-
-
 # ---------------------------------------------------------------------------- the walk
 @dataclass
 class _Round:
     """What the chain says about one round."""
 
+    opened: dict | None = None
     records: list[dict] = field(default_factory=list)
     commit: dict | None = None
+    contests: list[dict] = field(default_factory=list)
 
 
 class RunAudit:
     """Walk a run's rounds in order; :meth:`rows` gives the findings."""
 
-    def __init__(self, run: Mapping, run_hash: str, store: ArtifactStore, replay: Replay, atol: float = 0.0):
-        self.run, self.run_hash, self.store, self.replay, self.atol = run, run_hash, store, replay, float(atol)
+    def __init__(self, run: Mapping, run_bytes: bytes, store: ArtifactStore, chain: ChainRecord, atol: float = 0.0,
+                 admin: str | None = None):
+        self.run, self.store, self.chain, self.atol, self.pinned_admin = run, store, chain, float(atol), admin
         self.run_id = int(run["run-id"])
-        self.expected_global: str | None = None   # hash the next round must start from (None: unknown)
+        self.run_hash = bytes_hash(run_bytes)
+        self.enrolment = chain.enrolled_at()
+        self.enrolled_at_open: set[str] = set()
         self.replay_lost: str | None = None       # why a stateful replay cannot go on
+        self.run_untrusted: str | None = None     # why run.json's rule must not be used
         self.run_hash_flagged = False
+        self.replay = Replay(run)
 
-    def rows(self, events: list[dict]) -> list[Row]:
-        rounds = self._rounds(events)
-        out: list[Row] = []
+    def rows(self) -> list[Row]:
+        out = self._run_rows()
+        rounds = self._rounds(self.chain.events)
         for rnd in sorted(set(rounds) | set(self._stored_rounds())):
             if rnd not in rounds:
                 out.append(Row(rnd, "round.json", "MISSING", f"round {rnd} is stored but has no record on chain",
@@ -223,19 +317,67 @@ class RunAudit:
                 continue
             out += self._round(rnd, rounds[rnd])
         if not rounds:
-            out.append(Row(0, "-", "MISSING", f"no events of run {self.run_id} on the registry", "document"))
+            out.append(Row(0, "-", "MISSING", f"no rounds of run {self.run_id} on the registry", "document"))
+        return sorted(out, key=lambda r: r.round)
+
+    # ----------------------------------------------------------------- the run
+    def _run_rows(self) -> list[Row]:
+        out: list[Row] = []
+        chain = self.chain
+        if not chain.verified:
+            out.append(Row(0, "chain", "NO-CHAIN", "events read from audit/events.jsonl, the aggregator's own copy of "
+                                                   "an eth-tester chain that ended with the run: nothing here is "
+                                                   "proven against a chain", "run"))
+        if self.pinned_admin is not None and self.pinned_admin.lower() != chain.admin.lower():
+            out.append(Row(0, "admin", "MISMATCH", f"the registry's admin is {chain.admin}, not the admin you trust "
+                                                   f"{self.pinned_admin}: its enrolments prove nothing to you", "run"))
+        opened = [e for e in chain.events if e["event"] == "RunOpened"]
+        if not opened:
+            self._distrust_run("the chain has no run record (RunOpened) of this run")
+            out.append(Row(0, "run.json", "MISSING", f"the registry has no RunOpened for run {self.run_id}: the run's "
+                                                     f"parameters were never recorded on chain", "run"))
+            return out
+        run_open = opened[0]
+        self.enrolled_at_open = self.enrolment.at(run_open["block"], run_open["log-index"])
+        if run_open["run-hash"] != self.run_hash:
+            self.run_hash_flagged = True
+            self._distrust_run("run.json does not hash to the run record on chain")
+            out.append(Row(0, "run.json", "MISMATCH", f"run.json hashes to {self.run_hash[:12]}..., the chain recorded "
+                                                      f"{run_open['run-hash'][:12]}... at run open (block "
+                                                      f"{run_open['block']}): its rule and parameters are not used",
+                           "run"))
+            return out
+        claims = {"registry-address": (str(self.run.get("registry-address", "")).lower(), chain.registry.lower()),
+                  "chain-id": (self.run.get("chain-id"), chain.chain_id),
+                  "admin": (str(self.run.get("admin", "")).lower(), chain.admin.lower()),
+                  "aggregator": (str(self.run.get("aggregator", "")).lower(), chain.aggregator.lower()),
+                  "enrolled": (sorted(str(a).lower() for a in self.run.get("enrolled", [])),
+                               sorted(self.enrolled_at_open))}
+        for key, (claimed, actual) in claims.items():
+            if claimed != actual:
+                shown = (f"{len(claimed)} signer(s)", f"{len(actual)}") if key == "enrolled" else (claimed, actual)
+                out.append(Row(0, "run.json", "MISMATCH", f"run.json says {key} {shown[0]}, the chain read says "
+                                                          f"{shown[1]}", "run"))
         return out
+
+    def _distrust_run(self, why: str) -> None:
+        """The run record is not the chain's: its rule is not used to recompute anything."""
+        self.run_untrusted = f"{why}; its rule is not used to recompute the aggregates"
 
     def _rounds(self, events: list[dict]) -> dict[int, _Round]:
         rounds: dict[int, _Round] = {}
         for e in events:
-            if e.get("run-id") != self.run_id:
+            if e.get("run-id") != self.run_id or "round" not in e:
                 continue
-            r = rounds.setdefault(int(e["round"]), _Round())  # RoundOpened alone: a round with no record yet
-            if e["event"] == "UpdateRecorded":
+            r = rounds.setdefault(int(e["round"]), _Round())
+            if e["event"] == "RoundOpened":
+                r.opened = e
+            elif e["event"] == "UpdateRecorded":
                 r.records.append(e)
             elif e["event"] == "AggregateCommitted":
                 r.commit = e
+            elif e["event"] == "Contested":
+                r.contests.append(e)
         for r in rounds.values():
             r.records.sort(key=lambda e: e["index"])
         return rounds
@@ -254,11 +396,16 @@ class RunAudit:
             rows.append(Row(rnd, "aggregate", "MISMATCH", "committed records digest does not match the recorded events",
                             "aggregate"))
         entries = self._updates(rnd, chain, doc, rows)
+        rows += self._contests(rnd, chain)
         if doc is not None:
             rows += [_rejected_row(rnd, r) for r in doc.get("rejected", [])]
+            rows += self._drop_claims(rnd, doc)
         global_arrays = self._global(rnd, chain, doc, rows)
         rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
         return rows
+
+    def _round_global(self, chain: _Round) -> str | None:
+        return chain.opened["global-hash"] if chain.opened is not None else None
 
     def _document(self, rnd: int, chain: _Round, rows: list[Row]) -> dict | None:
         """The round document when its bytes hash to the committed document hash, else None."""
@@ -292,29 +439,34 @@ class RunAudit:
 
     def _updates(self, rnd: int, chain: _Round, doc: dict | None, rows: list[Row]) -> list[tuple] | None:
         """One row per accepted update; the replay's entries, or None when some are unavailable."""
-        listed = doc.get("updates", []) if doc is not None else [
-            {"client": e["client"], "num-examples": e["num-examples"], "update-hash": e["update-hash"]}
-            for e in chain.records]
         if doc is not None:
-            signed = [(u["client"].lower(), u["update-hash"], int(u["num-examples"])) for u in listed if u.get("client")]
+            signed = [(u["client"].lower(), u["update-hash"], int(u["num-examples"])) for u in doc.get("updates", [])
+                      if u.get("client")]
             on_chain = [(e["client"].lower(), e["update-hash"], int(e["num-examples"])) for e in chain.records]
             if signed != on_chain:
                 rows.append(Row(rnd, "round.json", "MISMATCH", "the updates round.json lists are not the records on "
                                                                 "chain (clients, hashes, num-examples, order)", "document"))
                 doc = None
+        # a verified round document lists every accepted update; otherwise every record on chain is checked
+        listed = doc.get("updates", []) if doc is not None else [
+            {"client": e["client"], "num-examples": e["num-examples"], "update-hash": e["update-hash"]}
+            for e in chain.records]
         by_client = {e["client"].lower(): e for e in chain.records}
         entries: list[tuple] | None = []
         for u in listed:
-            row, arrays = self._update(rnd, u, by_client.get(str(u.get("client")).lower()))
+            record = by_client.get(str(u.get("client")).lower())
+            row, arrays = self._update(rnd, u, record, chain, doc)
             rows.append(row)
-            if arrays is None or doc is None or entries is None:
-                entries = None
+            if arrays is None or doc is None or entries is None or row.status not in ("OK", "UNSIGNED"):
+                entries = None   # the replay uses verified records only
                 continue
             ident = Identity(int(u["node-id"]), u.get("partition"))
-            entries.append((ident.key, ident.node_id, arrays, int(u["num-examples"])))
+            weight = int(record["num-examples"]) if record is not None else int(u["num-examples"])  # the signed count
+            entries.append((ident.key, ident.node_id, arrays, weight))
         return entries
 
-    def _update(self, rnd: int, listed: dict, record: dict | None) -> tuple[Row, dict | None]:
+    def _update(self, rnd: int, listed: dict, record: dict | None, chain: _Round, doc: dict | None
+                ) -> tuple[Row, dict | None]:
         client = listed.get("client")
         if client is None:  # accepted unsigned: only the round document vouches for its bytes
             label = Identity(int(listed["node-id"]), listed.get("partition")).key
@@ -326,36 +478,101 @@ class RunAudit:
                                                f"bytes match round.json"), arrays
         if record is None:
             return Row(rnd, client, "MISSING", "listed in round.json but not recorded on chain"), None
+        if client.lower() not in self.enrolment.at(record["block"], record["log-index"]):
+            return Row(rnd, client, "NOT-ENROLLED", f"the admin had not enrolled {client} when round {rnd} recorded "
+                                                    f"it (block {record['block']})"), None
         h, arrays = _hash_file(self.store.update_path(rnd, client))
         status = _file_status(h, record["update-hash"], "stored update", "chain")
         if status is not None:
             return Row(rnd, client, *status), None
-        try:
-            signer = recover_signer(self.run_id, rnd, record["update-hash"], record["signature"])
-        except ValueError:
-            signer = None
-        if signer is None or signer.lower() != client.lower():
-            return Row(rnd, client, "BAD-SIGNATURE", f"signature recovers to {signer}"), arrays
-        return Row(rnd, client, "OK", f"{listed['num-examples']} examples"), arrays
+        signed, detail = self._signature(rnd, record, self._round_global(chain), doc)
+        if signed is not None:
+            return Row(rnd, client, signed, detail), arrays
+        return Row(rnd, client, "OK", f"{record['num-examples']} examples"), arrays
+
+    def _signature(self, rnd: int, record: dict, round_global: str | None, doc: dict | None
+                   ) -> tuple[str | None, str]:
+        """(None, "") when the client's signature covers the recorded fields and the round's global."""
+        def signer(global_hash):
+            if global_hash is None:
+                return None
+            try:
+                return recover(self._commitment(rnd, global_hash, record), record["signature"])
+            except ValueError:
+                return None
+
+        client = record["client"].lower()
+        got = signer(round_global)
+        if got is not None and got.lower() == client:
+            return None, ""
+        other = doc.get("global-hash") if doc is not None else None
+        if other not in (None, round_global) and (signer(other) or "").lower() == client:
+            return "MISMATCH", (f"signed for global {other[:12]}... (the one round.json names), not the global the "
+                                f"chain opened round {rnd} with {str(round_global)[:12]}...: it was sent another model")
+        return "BAD-SIGNATURE", (f"the signature does not recover to the client over (round {rnd}, global "
+                                 f"{str(round_global)[:12]}..., update {record['update-hash'][:12]}..., "
+                                 f"{record['num-examples']} examples) on registry {self.chain.registry[:12]}... of "
+                                 f"chain {self.chain.chain_id} (recovers to {got})")
+
+    def _commitment(self, rnd: int, global_hash: str, record: dict) -> Commitment:
+        return Commitment(self.chain.chain_id, self.chain.registry, self.run_id, rnd, global_hash,
+                          record["update-hash"], int(record["num-examples"]))
+
+    def _contests(self, rnd: int, chain: _Round) -> list[Row]:
+        """A contest is an enrolled client's proof that the round left its signed update out."""
+        rows = []
+        for c in chain.contests:
+            client = c["client"]
+            try:
+                ok = recover(self._commitment(rnd, c["global-hash"], c), c["signature"]).lower() == client.lower()
+            except ValueError:
+                ok = False
+            if not ok:
+                rows.append(Row(rnd, client, "BAD-SIGNATURE", "a contest whose signature is not the client's", "contest"))
+                continue
+            base = self._round_global(chain)
+            how = ("trained from the round's global" if c["global-hash"] == base else
+                   f"trained from {c['global-hash'][:12]}..., not the round's global {str(base)[:12]}...: it was "
+                   f"sent another model")
+            rows.append(Row(rnd, client, "DROPPED", f"contested on chain (block {c['block']}): its signed update "
+                                                    f"{c['update-hash'][:12]}... of {c['num-examples']} examples "
+                                                    f"({how}) is not in the committed round", "contest"))
+        return rows
+
+    def _drop_claims(self, rnd: int, doc: dict) -> list[Row]:
+        """Refusals listed in round.json in which a client says an earlier round dropped it."""
+        contested = {(e["round"], e["update-hash"]) for e in self.chain.events if e["event"] == "Contested"}
+        rows = []
+        for r in doc.get("rejected", []):
+            m = DROP_CLAIM.search(str(r.get("reason", "")))
+            if m is None:
+                continue
+            claimed, who = int(m.group(1)), r.get("signer") or _rejected_label(r)
+            if (claimed, m.group(2)) in contested:   # the contest row already shows it, with the proof
+                continue
+            rows.append(Row(claimed, str(who), "DROPPED", f"claimed in its refusal of round {rnd} (round.json): its "
+                                                          f"signed update {m.group(2)[:12]}... is not in round "
+                                                          f"{claimed}; no contest on chain, so not proven", "contest"))
+        return rows
 
     def _global(self, rnd: int, chain: _Round, doc: dict | None, rows: list[Row]) -> dict | None:
-        """The verified global adapter of the round (None when unknown); updates what the next round
-        must start from."""
-        expected, self.expected_global = self.expected_global, None
+        """The verified global adapter of the round (None when unknown)."""
         if doc is None:
-            agg = chain.commit["aggregate-hash"] if chain.commit else ZERO_HASH
-            self.expected_global = agg if agg != ZERO_HASH else None
             return None
         h, arrays = _hash_file(self.store.global_path(rnd))
         status = _file_status(h, doc["global-hash"], "stored global adapter", "round.json")
         if status is not None:
             rows.append(Row(rnd, "global", *status, kind="global"))
             arrays = None
-        if expected is not None and doc["global-hash"] != expected:
-            rows.append(Row(rnd, "global", "MISMATCH", f"round {rnd} started from {doc['global-hash'][:12]}..., not "
-                                                        f"from round {rnd - 1}'s result {expected[:12]}...", "global"))
-        agg = doc.get("aggregate-hash", ZERO_HASH)
-        self.expected_global = agg if agg != ZERO_HASH else doc["global-hash"]
+        base = self._round_global(chain)
+        if base is None:
+            rows.append(Row(rnd, "global", "MISSING", f"the chain has no RoundOpened for round {rnd}", "global"))
+            return None
+        if doc["global-hash"] != base:
+            rows.append(Row(rnd, "global", "MISMATCH", f"round {rnd} started from {doc['global-hash'][:12]}..., but the "
+                                                        f"chain opened it from {base[:12]}... (round {rnd - 1}'s "
+                                                        f"result, or the run's initial global)", "global"))
+            return None
         return arrays
 
     def _aggregate(self, rnd: int, chain: _Round, doc: dict | None, global_arrays, entries) -> Row:
@@ -368,7 +585,8 @@ class RunAudit:
         if committed == ZERO_HASH:
             if recomputed is not None:
                 return Row(rnd, "aggregate", "MISMATCH", f"round {rnd}: {self.replay.rule} computes an aggregate from "
-                                                         f"the recorded updates, but none was committed", "aggregate")
+                                                         f"the recorded updates, but none was committed (zero hash)",
+                           "aggregate")
             return Row(rnd, "aggregate", "NO-AGGREGATE", _nothing_learned(doc), "aggregate")
         h, stored = _hash_file(self.store.aggregate_path(rnd))
         status = _file_status(h, committed, "stored aggregate", "chain")
@@ -386,11 +604,14 @@ class RunAudit:
             return Row(rnd, "aggregate", "OK", f"{self.replay.rule} recomputed within atol={self.atol} (not bit-exact)",
                        "aggregate")
         return Row(rnd, "aggregate", "MISMATCH", f"round {rnd}: the committed aggregate is not what {self.replay.rule} "
-                                                 f"computes from the recorded updates and trust decision", "aggregate")
+                                                 f"computes from the recorded updates, their signed example counts and "
+                                                 f"the trust decision", "aggregate")
 
     def _replay(self, rnd: int, doc, global_arrays, entries) -> tuple[dict | None, str | None]:
         """(recomputed aggregate or None, why it was not recomputed or None)."""
         rule = self.replay.rule
+        if self.run_untrusted is not None:
+            return None, self.run_untrusted
         if not self.replay.ok:
             return None, self.replay.reason
         if self.replay_lost is not None:
@@ -439,10 +660,13 @@ def _file_status(h: str | None, want: str, what: str, where: str) -> tuple[str, 
     return None
 
 
-def _rejected_row(rnd: int, r: Mapping) -> Row:
+def _rejected_label(r: Mapping) -> str:
     node = r.get("node-id", -1)
-    label = Identity(int(node), r.get("partition")).key if isinstance(node, int) else str(node)
-    return Row(rnd, label, "REJECTED", f"{r.get('stage', '?')}: {r.get('reason', '?')}", "rejected")
+    return Identity(int(node), r.get("partition")).key if isinstance(node, int) else str(node)
+
+
+def _rejected_row(rnd: int, r: Mapping) -> Row:
+    return Row(rnd, _rejected_label(r), "REJECTED", f"{r.get('stage', '?')}: {r.get('reason', '?')}", "rejected")
 
 
 def _nothing_learned(doc: dict | None) -> str:
@@ -456,4 +680,4 @@ def _nothing_learned(doc: dict | None) -> str:
     return "the rule aggregated nothing from the accepted updates"
 
 
-__all__ = ["AuditReport", "Row", "RunAudit", "audit_run"]
+__all__ = ["AuditReport", "ChainRecord", "Row", "RunAudit", "audit_run", "read_chain"]

@@ -32,7 +32,7 @@ from fedledger.core.pipeline import Identities, RoundPipeline
 from .ledger import DEFAULT_RPC, Ledger, LedgerError
 from .run_config import LedgerConfig
 from .store import ArtifactStore, new_run_folder
-from .trail import LedgerTrail
+from .trail import Enrolment, LedgerTrail
 
 
 class OnChainAudit(RoundPipeline):
@@ -40,13 +40,22 @@ class OnChainAudit(RoundPipeline):
 
     ``require_audit_record``: refuse replies without a signed ``audit`` record (default).
     ``identities``: node id -> Identity (default: the node id alone). ``run_info``: extra keys
-    for ``run.json``. ``max_examples``: upper bound of a reply's ``num-examples``.
+    for ``run.json``. ``max_examples``: upper bound of a reply's ``num-examples``. ``enrol``:
+    who the registry's admin enrols when the run begins (:class:`~.trail.Enrolment`:
+    ``"simulation"``, ``"none"`` or 0x addresses); ``admin``: the registry written by its admin
+    (default: ``ledger.admin()``: ``$FEDLEDGER_ADMIN_KEY``, else a devnet's second unlocked
+    account).
     """
 
     def __init__(self, strategy: Strategy, ledger: Ledger, store: ArtifactStore, run_id: int, *,
                  require_audit_record: bool = True, identities: Identities | None = None,
-                 run_info: Mapping | None = None, max_examples: int | None = None) -> None:
-        trail = LedgerTrail(ledger, store, run_id, require_audit_record=require_audit_record, run_info=run_info)
+                 run_info: Mapping | None = None, max_examples: int | None = None,
+                 enrol: str = "simulation", admin: Ledger | None = None) -> None:
+        enrolment = Enrolment(enrol)
+        if admin is None and enrolment.policy != "none":
+            admin = ledger.admin()
+        trail = LedgerTrail(ledger, store, run_id, require_audit_record=require_audit_record, run_info=run_info,
+                            admin=admin, enrolment=enrolment)
         super().__init__(strategy, trail=trail, identities=identities, max_examples=max_examples)
 
     @classmethod
@@ -64,11 +73,13 @@ class OnChainAudit(RoundPipeline):
         unreachable chain raise one :class:`LedgerError` line."""
         config = LedgerConfig.from_run_config(context.run_config, **settings)
         ledger = build_ledger(config.audit, config.rpc_url, config.registry_address, chain_id=config.chain_id_or_none,
-                              private_key_file=config.aggregator_key_file or None)
+                              private_key_file=config.aggregator_key_file or None,
+                              admin_key_file=config.admin_key_file or None)
+        admin = build_admin(ledger, config.enrol, config.admin_key_file or None)
         folder = new_run_folder(config.run_dir, context.run_id)
         info = {"run-config": {k: v for k, v in context.run_config.items()}, **(run_info or {})}
         audit = cls(strategy, ledger, ArtifactStore(folder), context.run_id, require_audit_record=require_audit_record,
-                    identities=identities, run_info=info, max_examples=max_examples)
+                    identities=identities, run_info=info, max_examples=max_examples, enrol=config.enrol, admin=admin)
         where = f"at {ledger.rpc_url}" if ledger.rpc_url else "in this process (eth-tester; ends with the ServerApp)"
         log(INFO, "fedledger: run %s is audited on registry %s, chain %s %s; run folder %s; audit it with: "
             "fedledger audit --run-id %s --runs %s", context.run_id, ledger.address, ledger.chain_id, where, folder,
@@ -77,27 +88,40 @@ class OnChainAudit(RoundPipeline):
 
 
 def build_ledger(kind: str, rpc_url: str = DEFAULT_RPC, registry_address: str = "", chain_id: int | None = None,
-                 private_key: str | None = None, private_key_file: str | None = None) -> Ledger:
-    """``kind``: ``"anvil"`` (any JSON-RPC node at ``rpc_url``) or ``"eth-tester"`` (in-process,
-    written by its first funded account; keys do not apply). ``chain_id`` None or 0: whatever
-    the node reports. Key: ``private_key``, ``private_key_file``, else ``$FEDLEDGER_AGGREGATOR_KEY``."""
+                 private_key: str | None = None, private_key_file: str | None = None,
+                 admin_key_file: str | None = None) -> Ledger:
+    """The aggregator's ledger. ``kind``: ``"anvil"`` (any JSON-RPC node at ``rpc_url``) or
+    ``"eth-tester"`` (in-process: its first funded account is the aggregator, its second the
+    admin; keys do not apply). ``chain_id`` None or 0: whatever the node reports. Key:
+    ``private_key``, ``private_key_file``, else ``$FEDLEDGER_AGGREGATOR_KEY``; a new registry
+    (``registry_address`` empty) is deployed by the admin (``admin_key_file``, else
+    ``$FEDLEDGER_ADMIN_KEY``, else a devnet's second unlocked account)."""
     if kind == "eth-tester":
         return Ledger.in_process()
     if kind in ("anvil", "rpc"):
         return Ledger.connect(rpc_url, registry_address or None, chain_id=chain_id or None, private_key=private_key,
-                              private_key_file=private_key_file or None)
+                              private_key_file=private_key_file or None, admin_key_file=admin_key_file or None)
     raise LedgerError(f"unknown audit kind {kind!r}; use audit=\"anvil\" or audit=\"eth-tester\"")
 
 
+def build_admin(ledger: Ledger, enrol: str, admin_key_file: str | None = None) -> Ledger | None:
+    """The registry written by its admin when the run enrols anyone (``enrol`` not ``"none"``), else None."""
+    if Enrolment(enrol).policy == "none":
+        return None
+    return ledger.admin(private_key_file=admin_key_file or None)
+
+
 def build_trail(kind: str, run_folder: str, run_id: int, *, rpc_url: str = DEFAULT_RPC, registry_address: str = "",
-                chain_id: int | None = None, private_key_file: str | None = None, require_audit_record: bool = True,
+                chain_id: int | None = None, private_key_file: str | None = None, admin_key_file: str | None = None,
+                enrol: str = "simulation", require_audit_record: bool = True,
                 run_info: Mapping | None = None) -> tuple[LedgerTrail, Callable[[], dict]]:
     """For the ServerApp: ``(trail, info)``. ``RoundPipeline(strategy, trail=trail, ...)`` records
     the run under ``<run_folder>/audit/``; ``info()`` describes the ledger and its cost."""
-    ledger = build_ledger(kind, rpc_url, registry_address, chain_id=chain_id, private_key_file=private_key_file)
+    ledger = build_ledger(kind, rpc_url, registry_address, chain_id=chain_id, private_key_file=private_key_file,
+                          admin_key_file=admin_key_file)
     trail = LedgerTrail(ledger, ArtifactStore(run_folder), run_id, require_audit_record=require_audit_record,
-                        run_info=run_info)
+                        run_info=run_info, admin=build_admin(ledger, enrol, admin_key_file), enrolment=Enrolment(enrol))
     return trail, trail.info
 
 
-__all__ = ["OnChainAudit", "build_ledger", "build_trail"]
+__all__ = ["OnChainAudit", "build_admin", "build_ledger", "build_trail"]

@@ -102,8 +102,9 @@ def status(state_dir: str | None = None) -> dict:
 
 
 def start(port: int = DEFAULT_PORT, state_dir: str | None = None, host: str = "127.0.0.1", timeout: float = 15.0,
-          state_interval: int = 5) -> dict:
-    """Start anvil (or report the one already running from this folder)."""
+          state_interval: int = 5, chain_id: int | None = None) -> dict:
+    """Start anvil (or report the one already running from this folder); ``chain_id``: anvil's
+    ``--chain-id`` (default 31337)."""
     state_dir = os.path.abspath(state_dir or default_dir())
     cur = status(state_dir)
     if cur["running"]:
@@ -117,7 +118,7 @@ def start(port: int = DEFAULT_PORT, state_dir: str | None = None, host: str = "1
     os.makedirs(state_dir, exist_ok=True)
     p = _paths(state_dir)
     cmd = [anvil, "--silent", "--prune-history", "--host", host, "--port", str(port), "--state", p["state"],
-           "--state-interval", str(state_interval)]
+           "--state-interval", str(state_interval)] + (["--chain-id", str(int(chain_id))] if chain_id else [])
     with open(p["log"], "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=state_dir)

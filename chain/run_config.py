@@ -18,6 +18,13 @@ key                    default                     what it does
                                                    ``$FEDLEDGER_AGGREGATOR_KEY_PASSWORD``, or 0x hex);
                                                    ``""``: ``$FEDLEDGER_AGGREGATOR_KEY``, else the node's
                                                    first unlocked account (devnets only)
+``admin-key-file``     ``""``                      the registry admin's key (enrols clients, deploys a
+                                                   new registry); ``""``: ``$FEDLEDGER_ADMIN_KEY``, else
+                                                   the node's second unlocked account (devnets only)
+``enrol``              ``"simulation"``            who the admin enrols when the run begins:
+                                                   ``"simulation"`` (the simulation keys of partitions
+                                                   0..N-1, funded on a devnet), ``"none"`` (enrolled
+                                                   beforehand), or comma-separated 0x addresses
 ``run-dir``            ``"runs"``                  run folders go to ``<run-dir>/<time>-run<id>/``
                                                    (relative: to the ServerApp process's working folder)
 =====================  ==========================  ==================================================
@@ -49,6 +56,8 @@ class LedgerConfig:
     registry_address: str = ""
     chain_id: int = 0
     aggregator_key_file: str = ""
+    admin_key_file: str = ""
+    enrol: str = "simulation"
     run_dir: str = "runs"
 
     def __post_init__(self):
@@ -70,6 +79,9 @@ class LedgerConfig:
             _bad("chain_id", self.chain_id, "must be >= 0")
         if not self.run_dir.strip():
             _bad("run_dir", self.run_dir, "must not be empty")
+        if self.enrol not in ("simulation", "none") and not all(
+                _ADDRESS.fullmatch(a.strip()) for a in self.enrol.split(",") if a.strip()) or not self.enrol.strip():
+            _bad("enrol", self.enrol, 'must be "simulation", "none" or a comma-separated list of 0x addresses')
 
     @classmethod
     def keys(cls) -> dict[str, str]:

@@ -1,20 +1,29 @@
 """``LedgerTrail``: the ledger's ``core.pipeline.AuditTrail``; what an audited round leaves behind.
 
-``RoundPipeline`` calls it at four points; each writes files to the :class:`ArtifactStore` and
-the round costs three transactions whatever the number of clients:
+``RoundPipeline`` calls it at five points; each writes files to the :class:`ArtifactStore`. The
+run costs one ``openRun`` (after the admin's enrolment, when the trail enrols) and each round
+three aggregator transactions whatever the number of clients:
 
-- ``begin(run)``: ``run.json`` = the pipeline's description (rule, parameters, trust stage,
-  adapter layout, max-examples), the ledger (kind, RPC URL, chain id, registry, deploy block,
-  aggregator), run id, hash format and the caller's ``run_info``.
-- ``verify(round, update)``: the reply's signed ``audit`` record (``update-hash``, ``signature``,
-  ``signer``) must be there (unless ``require_audit_record=False``: the update is then accepted
-  *unsigned*), name the hash of the arrays received, and carry a signature by the claimed
-  signer over (run id, round, hash); the signer must be the one the node is known by, and may
-  answer once per round.
+- ``begin(run, global, grid)``: the admin enrols the run's clients (:class:`Enrolment`; on a
+  devnet it also funds them, so that they can contest); ``run.json`` = the pipeline's
+  description (rule, parameters, trust stage, adapter layout, max-examples), the ledger (kind,
+  RPC URL, chain id, registry, deploy block, admin, aggregator), the signers enrolled at run
+  open, run id, hash format and the caller's ``run_info``; then ``openRun(runId, SHA-256 of
+  run.json, hash of the initial global)``: the chain holds the run's parameters from the start.
+- ``instruction(round, global, weight key)``: the ``audit`` ConfigRecord of every train
+  instruction: chain id, registry address, ledger kind, round, weight key. A client signs its
+  commitment under that registry's EIP-712 domain (and checks the chain before training).
+- ``verify(round, update)``: the reply's signed ``audit`` record (``update-hash``,
+  ``global-hash``, ``num-examples``, ``signature``, ``signer``) must be there (unless
+  ``require_audit_record=False``: the update is then accepted *unsigned*), name the hash of the
+  arrays received, the global this round sent and the weight the reply carries, and carry the
+  claimed signer's EIP-712 signature of that commitment; the signer must be the one the node is
+  known by, be enrolled on the registry, and may answer once per round.
 - ``record(round, global, updates, rejected)``: stores the round's global adapter and every
-  accepted update, then ``openRound`` and ONE ``recordUpdates`` batch: the signed updates, in
-  record order (client address, update hash, num-examples, signature). Unsigned updates are not
-  put on chain; the round document lists them with ``"client": null``.
+  accepted update, then ``openRound`` (the registry fills in the round's global: the last
+  committed aggregate) and ONE ``recordUpdates`` batch: the signed updates, in record order
+  (client address, update hash, num-examples, signature). Unsigned updates are not put on
+  chain; the round document lists them with ``"client": null``.
 - ``commit(round, aggregate, report)``: stores the aggregate and writes the round document
   ``round.json`` (canonical JSON)::
 
@@ -42,8 +51,8 @@ from fedledger.core.pipeline import RoundReport
 from fedledger.core.update import Identity, Rejected, Update
 
 from .hashing import HASH_FORMAT, update_hash
-from .ledger import Ledger, UpdateEntry
-from .signing import recover_signer
+from .ledger import Ledger, LedgerError, UpdateEntry
+from .signing import Commitment, recover, simulation_account
 from .store import ArtifactStore
 
 log = logging.getLogger("fedledger.chain")
@@ -70,34 +79,84 @@ class Recorded:
                 "num-examples": self.num_examples, "update-hash": self.update_hash}
 
 
+# ---------------------------------------------------------------------------- enrolment
+@dataclass(frozen=True)
+class Enrolment:
+    """Who the admin enrols when a run begins (run-config ``enrol``):
+
+    - ``"simulation"``: the simulation key of every partition ``0 .. N-1`` (N = the nodes
+      connected when the run begins), derived from this machine's federation secret;
+    - ``"none"``: nobody (the admin enrolled the clients beforehand: ``fedledger registry enrol``);
+    - a comma-separated list of 0x addresses: exactly those (key-file nodes of a test bench).
+    """
+
+    policy: str = "simulation"
+
+    def __post_init__(self):
+        if self.policy not in ("simulation", "none"):
+            from web3 import Web3
+
+            bad = [a for a in self.addresses_listed() if not Web3.is_address(a)]
+            if bad or not self.addresses_listed():
+                raise LedgerError(f"run-config enrol={self.policy!r} is not valid: must be \"simulation\", \"none\" or "
+                                  f"a comma-separated list of 0x addresses")
+
+    def addresses_listed(self) -> list[str]:
+        return [a.strip() for a in self.policy.split(",") if a.strip()]
+
+    def signers(self, num_nodes: int, key_folder: str | None = None) -> list[str]:
+        if self.policy == "none":
+            return []
+        if self.policy == "simulation":
+            return [simulation_account(p, key_folder).address for p in range(num_nodes)]
+        return self.addresses_listed()
+
+
 class LedgerTrail:
     """Record a pipeline's rounds in ``store`` and on ``ledger`` under ``run_id``.
 
-    ``require_audit_record``: refuse replies without a signed ``audit`` record (default); when
-    False they are accepted unsigned (kept off chain, listed in the round document, shown as
-    UNSIGNED by the audit). ``run_info``: extra keys for ``run.json`` (e.g. the run config).
+    ``admin``: the registry written by its admin (``ledger.admin(...)``), who enrols
+    ``enrolment``'s signers when the run begins; None: the trail enrols nobody (they must be
+    enrolled already). ``require_audit_record``: refuse replies without a signed ``audit``
+    record (default); when False they are accepted unsigned (kept off chain, listed in the round
+    document, shown as UNSIGNED by the audit). ``run_info``: extra keys for ``run.json``.
     """
 
     def __init__(self, ledger: Ledger, store: ArtifactStore, run_id: int, *, require_audit_record: bool = True,
-                 run_info: Mapping | None = None):
+                 run_info: Mapping | None = None, admin: Ledger | None = None,
+                 enrolment: Enrolment | None = None):
         self.ledger, self.store, self.run_id = ledger, store, int(run_id)
+        self.admin, self.enrolment = admin, enrolment if enrolment is not None else Enrolment("none")
         self.require_audit_record = bool(require_audit_record)
         self.run_info = dict(run_info or {})
         self.rejected: dict[int, list[dict]] = {}       # round -> refused replies (for metrics.json)
         self.document_hashes: dict[int, str] = {}       # round -> committed round-document hash
         self._run_hash: str | None = None
+        self._globals: dict[int, str] = {}              # round -> hash of the global it sent
+        self._enrolled: set[str] = set()
+        self._exported_enrolment = 0
         self._verified: dict[tuple[int, int], tuple[str, str, str]] = {}   # (round, node) -> (hash, signer, sig)
         self._signers: dict[int, set[str]] = {}
         self._rounds: dict[int, dict] = {}
         ledger.listeners.append(self._export)
 
     # ----------------------------------------------------------------- AuditTrail
-    def begin(self, run: dict) -> None:
-        ours = {**self.ledger.info(), "run-id": self.run_id, "hash-format": HASH_FORMAT}
+    def begin(self, run: dict, global_arrays: Mapping[str, np.ndarray], grid) -> None:
+        self._enrol(len(list(grid.get_node_ids())) if grid is not None else 0)
+        self._refresh_enrolment()
+        ours = {**self.ledger.info(), "run-id": self.run_id, "hash-format": HASH_FORMAT,
+                "enrolled": sorted(self._enrolled)}
         clash = sorted((set(run) | set(ours)) & set(self.run_info))
         if clash:
             raise ValueError(f"run_info keys {clash} collide with the run's record; rename them")
         self._run_hash = self.store.write_run({**run, **ours, **self.run_info})
+        self.ledger.open_run(self.run_id, self._run_hash, update_hash(global_arrays))
+
+    def instruction(self, server_round: int, global_arrays: Mapping[str, np.ndarray], weight_key: str) -> dict:
+        self._globals[server_round] = update_hash(global_arrays)
+        self._refresh_enrolment()   # reads only the blocks mined since the last round
+        return {"chain-id": self.ledger.chain_id, "registry": self.ledger.address, "ledger": self.ledger.kind,
+                "server-round": int(server_round), "weight-key": str(weight_key)}
 
     def verify(self, server_round: int, update: Update) -> tuple[str | None, str | None]:
         audit = update.audit
@@ -105,12 +164,20 @@ class LedgerTrail:
             if self.require_audit_record:
                 return None, "no 'audit' ConfigRecord: the client does not sign its updates"
             return None, None
-        claimed, signature, signer = (str(audit.get(k, "")) for k in ("update-hash", "signature", "signer"))
+        claimed, claimed_global, signature, signer = (str(audit.get(k, "")) for k in
+                                                      ("update-hash", "global-hash", "signature", "signer"))
         actual = update_hash(update.arrays)
         if claimed.lower() != actual:
             return None, f"claimed update-hash {claimed[:12]}... is not the received arrays' hash {actual[:12]}..."
+        sent = self._globals.get(server_round)
+        if claimed_global.lower() != sent:
+            return None, f"signed global-hash {claimed_global[:12]}... is not the global this round sent {str(sent)[:12]}..."
+        if audit.get("num-examples") != update.num_examples:
+            return None, f"signed num-examples {audit.get('num-examples')!r} is not the reply's {update.num_examples}"
+        commitment = Commitment(self.ledger.chain_id, self.ledger.address, self.run_id, server_round, sent, actual,
+                                update.num_examples)
         try:
-            recovered = recover_signer(self.run_id, server_round, actual, signature)
+            recovered = recover(commitment, signature)
         except (ValueError, TypeError) as exc:
             return None, f"bad signature ({exc})"
         if recovered.lower() != signer.lower():
@@ -118,6 +185,8 @@ class LedgerTrail:
         known = update.identity.signer if update.identity is not None else None
         if known is not None and known.lower() != recovered.lower():
             return None, f"signed by {recovered}, but node {update.node_id} is known as {known}"
+        if recovered.lower() not in self._enrolled:
+            return None, f"signer {recovered} is not enrolled on the registry {self.ledger.address}"
         seen = self._signers.setdefault(server_round, set())
         if recovered.lower() in seen:
             return None, f"signer {recovered} already replied in this round"
@@ -155,21 +224,45 @@ class LedgerTrail:
         self.ledger.commit_aggregate(self.run_id, server_round, agg_hash, doc_hash)
         self.document_hashes[server_round] = doc_hash
         del self._rounds[server_round]
+        self._globals.pop(server_round, None)
         self._signers.pop(server_round, None)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != server_round}
 
     # ----------------------------------------------------------------- for the glue
     def info(self) -> dict:
         """The ledger and what it cost, for ``metrics.json``."""
-        tx = self.ledger.tx_log
+        tx = self.ledger.tx_log + (self.admin.tx_log if self.admin is not None else [])
         return {**self.ledger.info(), "run-id": self.run_id, "transactions": len(tx),
                 "gas-used": sum(t["gas"] for t in tx), "artifacts": self.store.root,
                 "rejected-replies": {str(k): v for k, v in sorted(self.rejected.items()) if v}}
 
     # ----------------------------------------------------------------- helpers
+    def _enrol(self, num_nodes: int) -> None:
+        """The admin enrols (and, on a devnet, funds) the run's signers."""
+        signers = self.enrolment.signers(num_nodes)
+        if not signers:
+            return
+        if self.admin is None:
+            raise LedgerError(f"enrol={self.enrolment.policy!r} needs the registry's admin key; give admin-key-file "
+                              f"(or $FEDLEDGER_ADMIN_KEY), or enrol the clients beforehand and set enrol=\"none\"")
+        new = self.admin.enrol(signers)
+        funded = self.admin.fund(signers)
+        log.info("admin %s enrolled %d signer(s) (%d new%s) on registry %s", self.admin.sender, len(signers), len(new),
+                 f", {funded} funded for contests (devnet)" if funded else "", self.ledger.address)
+
+    def _refresh_enrolment(self) -> None:
+        """The signers enrolled now; enrolment events not yet in the offline copy are added to it."""
+        events = self.ledger.enrolment_events()
+        self.store.append_events(events[self._exported_enrolment:])
+        self._exported_enrolment = len(events)
+        now: set[str] = set()
+        for e in events:
+            (now.add if e["event"] == "Enrolled" else now.discard)(e["signer"].lower())
+        self._enrolled = now
+
     def _export(self, events: list[dict]) -> None:
         """Keep an offline copy of this run's events (the only copy an eth-tester run leaves)."""
-        mine = [e for e in events if e["run-id"] == self.run_id]
+        mine = [e for e in events if e.get("run-id") == self.run_id]
         if mine:
             self.store.append_events(mine)
 
@@ -186,4 +279,4 @@ class LedgerTrail:
         return Recorded(signer, identity, update.num_examples, h, signature)
 
 
-__all__ = ["LedgerTrail", "Recorded", "ZERO_HASH"]
+__all__ = ["Enrolment", "LedgerTrail", "Recorded", "ZERO_HASH"]

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .trust import Contribution, TrustDecision, apply_decision
 from .update import (
-    NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, decode_evaluate_reply, decode_global,
+    AUDIT_KEY, NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, decode_evaluate_reply, decode_global,
     decode_replies, payload_nbytes,
 )
 
@@ -71,7 +71,13 @@ class TrustStage(Protocol):
 class AuditTrail(Protocol):
     """Where the round is recorded (``fedledger.chain.trail.LedgerTrail``)."""
 
-    def begin(self, run: dict) -> None: ...
+    def begin(self, run: dict, global_arrays: Mapping[str, np.ndarray], grid: Grid) -> None:
+        """Once, before the first instructions go out: ``run`` is :meth:`RoundPipeline.describe`."""
+
+    def instruction(self, server_round: int, global_arrays: Mapping[str, np.ndarray], weight_key: str
+                    ) -> Mapping[str, int | str]:
+        """What every train instruction of the round carries as its ``audit`` ConfigRecord (what a
+        client needs to sign and check its commitment)."""
 
     def verify(self, server_round: int, update: Update) -> tuple[str | None, str | None]:
         """(verified signer or None for an accepted unsigned update, rejection reason or None)."""
@@ -289,9 +295,14 @@ class RoundPipeline(Strategy):
         self._global = decode_global(arrays)
         self._layout = Layout.of(self._global)
         if self.trail is not None and not self._begun:
-            self.trail.begin(self.describe())
+            self.trail.begin(self.describe(), self._global, grid)
         self._begun = True
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if self.trail is not None:
+            weight_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES)
+            instruction = ConfigRecord(dict(self.trail.instruction(server_round, self._global, weight_key)))
+            for m in messages:
+                m.content[AUDIT_KEY] = instruction
         report = RoundReport(server_round, sent=len(messages))
         for m in messages:
             n = payload_nbytes(m)

@@ -1,4 +1,5 @@
-"""Chain commands of the ``fedledger`` CLI: ``devnet start|stop|status`` and ``audit``.
+"""Chain commands of the ``fedledger`` CLI: ``devnet start|stop|status``, ``registry`` (the admin's
+``deploy|enrol|revoke|show``) and ``audit``.
 
 ``fedledger/cli.py`` calls :func:`add_chain_commands`; ``python -m fedledger.cli_chain ...`` works
 too. ``fedledger audit RUN_FOLDER`` (or ``fedledger audit --run-id ID [--runs DIR]``, which finds
@@ -24,13 +25,13 @@ def _fail(msg: str) -> int:
 
 
 def audit_run_folder(folder: str, rpc_url: str | None = None, registry_address: str | None = None,
-                     as_json: bool = False, atol: float = 0.0) -> int:
+                     as_json: bool = False, atol: float = 0.0, admin: str | None = None) -> int:
     """Audit one run folder, print the table (or JSON); returns the exit code (see the module)."""
     from fedledger.chain.audit import audit_run
     from fedledger.chain.ledger import LedgerError
 
     try:
-        report = audit_run(folder, rpc_url=rpc_url, registry_address=registry_address, atol=atol)
+        report = audit_run(folder, rpc_url=rpc_url, registry_address=registry_address, atol=atol, admin=admin)
     except LedgerError as exc:
         return _fail(str(exc))
     except (OSError, ValueError, KeyError) as exc:
@@ -49,7 +50,7 @@ def cmd_audit(args) -> int:
         if folder is None:
             return EXIT_BAD_INPUT
     return audit_run_folder(folder, rpc_url=args.rpc_url, registry_address=args.registry_address,
-                            as_json=args.json, atol=args.atol)
+                            as_json=args.json, atol=args.atol, admin=args.admin)
 
 
 def _folder_of_run(run_id: int, runs: str) -> str | None:
@@ -66,6 +67,42 @@ def _folder_of_run(run_id: int, runs: str) -> str | None:
               f"{', '.join(os.path.basename(f) for f in found)}; pass the folder itself")
         return None
     return found[0]
+
+
+def cmd_registry(args) -> int:
+    """The admin's commands: deploy a registry naming the aggregator, enrol / revoke signers, show it."""
+    from fedledger.chain.ledger import Ledger, LedgerError
+
+    try:
+        if args.action == "deploy":
+            if not args.aggregator:
+                return _fail("registry deploy needs --aggregator ADDRESS (the aggregator's account)")
+            admin = Ledger.deploy(args.rpc_url, args.aggregator, admin_key_file=args.admin_key_file)
+            print(f"registry {admin.address} on chain {admin.chain_id}: admin {admin.admin_address()}, aggregator "
+                  f"{admin.aggregator_address()}, deploy block {admin.deploy_block}; give the aggregator "
+                  f"--run-config \"registry-address='{admin.address}' enrol='none'\" once you enrolled the clients")
+            return 0
+        if not args.registry_address:
+            return _fail(f"registry {args.action} needs --registry-address ADDRESS")
+        ledger = Ledger.connect(args.rpc_url, args.registry_address, read_only=True)
+        if args.action == "show":
+            info = {**ledger.info(), "enrolled": sorted(ledger.enrolled_signers())}
+            print(json.dumps(info, indent=1) if args.json else
+                  f"registry {info['registry-address']} on chain {info['chain-id']}: admin {info['admin']}, aggregator "
+                  f"{info['aggregator']}, deploy block {info['deploy-block']}, {len(info['enrolled'])} signer(s) "
+                  f"enrolled: {', '.join(info['enrolled']) or '-'}")
+            return 0
+        if not args.signers:
+            return _fail(f"registry {args.action} needs the signer addresses to {args.action}")
+        admin = ledger.admin(private_key_file=args.admin_key_file)
+        changed = admin.enrol(args.signers) if args.action == "enrol" else admin.revoke(args.signers)
+        funded = admin.fund(args.signers) if args.action == "enrol" and args.fund_devnet else 0
+        done = {"enrol": "enrolled", "revoke": "revoked"}[args.action]
+        print(f"registry {admin.address}: {done} {len(changed)} of {len(args.signers)} signer(s)"
+              + (f", funded {funded} (devnet)" if funded else ""))
+        return 0
+    except LedgerError as exc:
+        return _fail(str(exc))
 
 
 def cmd_devnet(args) -> int:
@@ -104,8 +141,25 @@ def add_chain_commands(subparsers) -> None:
     audit.add_argument("--rpc-url", default=None, help="JSON-RPC URL (default: the one the run used)")
     audit.add_argument("--registry-address", default=None, help="registry address (default: the run's)")
     audit.add_argument("--atol", type=float, default=0.0, help="tolerance for the recomputed aggregate (default: bit-exact)")
+    audit.add_argument("--admin", default=None, help="the registry admin you trust (0x address): a registry "
+                       "administered by another is flagged (default: report the admin, do not require one)")
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     audit.set_defaults(func=cmd_audit)
+
+    reg = subparsers.add_parser(
+        "registry", help="the admin's commands: deploy a registry, enrol / revoke client signers, show it",
+        description="The admin key: --admin-key-file (keystore with its password in $FEDLEDGER_ADMIN_KEY_PASSWORD, "
+                    "or 0x hex), else $FEDLEDGER_ADMIN_KEY, else the node's second unlocked account (devnets only).")
+    reg.add_argument("action", choices=["deploy", "enrol", "revoke", "show"])
+    reg.add_argument("signers", nargs="*", help="client signer addresses (enrol, revoke)")
+    reg.add_argument("--rpc-url", default="http://127.0.0.1:8545")
+    reg.add_argument("--registry-address", default=None, help="the registry (enrol, revoke, show)")
+    reg.add_argument("--aggregator", default=None, help="the aggregator's address (deploy)")
+    reg.add_argument("--admin-key-file", default=None, help="the admin's key file")
+    reg.add_argument("--fund-devnet", action="store_true", help="enrol: also give each signer 1 ETH for its contests "
+                     "(anvil_setBalance: devnets only)")
+    reg.add_argument("--json", action="store_true")
+    reg.set_defaults(func=cmd_registry)
 
     dev = subparsers.add_parser("devnet", help="local anvil devnet with its state in a file")
     dev.add_argument("action", choices=["start", "stop", "status"])

@@ -95,6 +95,12 @@ def address_or_empty(v) -> str | None:
     return None if v == "" or _ADDRESS.fullmatch(v) else ': must be "" (deploy a new registry) or a 0x + 40 hex digit address'
 
 
+def enrolment(v) -> str | None:
+    ok = v in ("simulation", "none") or (bool(v.strip()) and all(_ADDRESS.fullmatch(a.strip())
+                                                                 for a in v.split(",") if a.strip()))
+    return None if ok else ': must be "simulation", "none" or a comma-separated list of 0x addresses'
+
+
 def node_url(v) -> str | None:
     url = urlparse(v)
     ok = url.scheme in _URL_SCHEMES and bool(url.netloc)
@@ -360,6 +366,10 @@ class AuditSettings(_Group):
     chain_id: int = setting("chain-id", 0, "expected chain id; 0 = whatever the node reports (recorded)", at_least(0))
     aggregator_key_file: str = setting("aggregator-key-file", "", 'the server\'s signing key; "" = '
                                        "$FEDLEDGER_AGGREGATOR_KEY, else the node's first unlocked account (devnets)")
+    admin_key_file: str = setting("admin-key-file", "", 'the registry admin\'s key (enrols clients); "" = '
+                                  "$FEDLEDGER_ADMIN_KEY, else the node's second unlocked account (devnets)")
+    enrol: str = setting("enrol", "simulation", 'who the admin enrols at run start: "simulation", "none" or 0x '
+                         "addresses", enrolment)
 
 
 @dataclass(frozen=True)
@@ -489,9 +499,10 @@ class Settings:
         topo = self.topology.topology
         if topo not in TOPOLOGIES and not os.path.isfile(os.path.expanduser(topo)):
             raise _invalid("topology", topo, ": must be 'complete', 'geometric' or an existing JSON/edge-list file")
-        key_file = self.audit.aggregator_key_file
-        if key_file and not os.path.isfile(os.path.expanduser(key_file)):
-            raise _invalid("aggregator-key-file", key_file, ': must be "" or an existing key file')
+        for key, key_file in (("aggregator-key-file", self.audit.aggregator_key_file),
+                              ("admin-key-file", self.audit.admin_key_file)):
+            if key_file and not os.path.isfile(os.path.expanduser(key_file)):
+                raise _invalid(key, key_file, ': must be "" or an existing key file')
 
     def check_nodes(self, num_nodes: int) -> None:
         """The rules that need the number of nodes (the ServerApp calls this once it knows it)."""

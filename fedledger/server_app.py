@@ -114,7 +114,8 @@ def connected_nodes(grid: Grid, settle: float = 3.0, limit: float = 120.0) -> li
 
 
 def simulation_signers(settings: Settings, context: Context, num_partitions: int) -> dict[int, str] | None:
-    """The address each partition's simulation key has (checked for nodes that sign with one)."""
+    """The address each partition's simulation key has (checked for nodes that sign with one):
+    derived from the federation secret in this machine's key folder, as the simulated nodes do."""
     if settings.audit.ledger == "none":
         return None
     from fedledger.chain import signing
@@ -131,6 +132,7 @@ def audit_trail(settings: Settings, folder: str, run_id: int):
     a = settings.audit
     return build_trail(a.ledger, folder, run_id, rpc_url=a.rpc_url, registry_address=a.registry_address,
                        chain_id=a.chain_id or None, private_key_file=a.aggregator_key_file or None,
+                       admin_key_file=a.admin_key_file or None, enrol=a.enrol,
                        run_info={"run-config": settings.to_run_config()})
 
 

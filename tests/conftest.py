@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny model Task, Flower's task identity, a clean ``fedledger`` logger and
-cheap garbage collections. Reply builders live in ``tests/replies.py``."""
+"""Shared fixtures: a key folder for the session, a tiny model Task, Flower's task identity, a clean
+``fedledger`` logger and cheap garbage collections. Reply builders live in ``tests/replies.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _key_folder(tmp_path_factory):
+    """Simulation keys derive from a federation secret in a local key folder: one folder for the
+    session (flwr run's SuperLink and its ClientApps inherit the variable), never the repo's."""
+    saved = os.environ.get("FEDLEDGER_KEY_DIR")
+    os.environ["FEDLEDGER_KEY_DIR"] = str(tmp_path_factory.mktemp("keys"))
+    yield os.environ["FEDLEDGER_KEY_DIR"]
+    if saved is None:
+        os.environ.pop("FEDLEDGER_KEY_DIR", None)
+    else:
+        os.environ["FEDLEDGER_KEY_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)
