@@ -74,7 +74,7 @@ class OnChainAudit(RoundPipeline):
         config = LedgerConfig.from_run_config(context.run_config, **settings)
         ledger = build_ledger(config.audit, config.rpc_url, config.registry_address, chain_id=config.chain_id_or_none,
                               private_key_file=config.aggregator_key_file or None,
-                              admin_key_file=config.admin_key_file or None)
+                              admin_key_file=config.admin_key_file or None, wait=config.ledger_wait)
         admin = build_admin(ledger, config.enrol, config.admin_key_file or None)
         folder = new_run_folder(config.run_dir, context.run_id)
         info = {"run-config": {k: v for k, v in context.run_config.items()}, **(run_info or {})}
@@ -89,18 +89,20 @@ class OnChainAudit(RoundPipeline):
 
 def build_ledger(kind: str, rpc_url: str = DEFAULT_RPC, registry_address: str = "", chain_id: int | None = None,
                  private_key: str | None = None, private_key_file: str | None = None,
-                 admin_key_file: str | None = None) -> Ledger:
+                 admin_key_file: str | None = None, wait: float = 0.0) -> Ledger:
     """The aggregator's ledger. ``kind``: ``"anvil"`` (any JSON-RPC node at ``rpc_url``) or
     ``"eth-tester"`` (in-process: its first funded account is the aggregator, its second the
     admin; keys do not apply). ``chain_id`` None or 0: whatever the node reports. Key:
     ``private_key``, ``private_key_file``, else ``$FEDLEDGER_AGGREGATOR_KEY``; a new registry
     (``registry_address`` empty) is deployed by the admin (``admin_key_file``, else
-    ``$FEDLEDGER_ADMIN_KEY``, else a devnet's second unlocked account)."""
+    ``$FEDLEDGER_ADMIN_KEY``, else a devnet's second unlocked account). ``wait``: seconds a write
+    waits for a node that stops answering (:meth:`Ledger.patiently`)."""
     if kind == "eth-tester":
         return Ledger.in_process()
     if kind in ("anvil", "rpc"):
         return Ledger.connect(rpc_url, registry_address or None, chain_id=chain_id or None, private_key=private_key,
-                              private_key_file=private_key_file or None, admin_key_file=admin_key_file or None)
+                              private_key_file=private_key_file or None, admin_key_file=admin_key_file or None,
+                              wait=wait)
     raise LedgerError(f"unknown audit kind {kind!r}; use audit=\"anvil\" or audit=\"eth-tester\"")
 
 
@@ -114,11 +116,11 @@ def build_admin(ledger: Ledger, enrol: str, admin_key_file: str | None = None) -
 def build_trail(kind: str, run_folder: str, run_id: int, *, rpc_url: str = DEFAULT_RPC, registry_address: str = "",
                 chain_id: int | None = None, private_key_file: str | None = None, admin_key_file: str | None = None,
                 enrol: str = "simulation", require_audit_record: bool = True,
-                run_info: Mapping | None = None) -> tuple[LedgerTrail, Callable[[], dict]]:
+                run_info: Mapping | None = None, wait: float = 0.0) -> tuple[LedgerTrail, Callable[[], dict]]:
     """For the ServerApp: ``(trail, info)``. ``RoundPipeline(strategy, trail=trail, ...)`` records
     the run under ``<run_folder>/audit/``; ``info()`` describes the ledger and its cost."""
     ledger = build_ledger(kind, rpc_url, registry_address, chain_id=chain_id, private_key_file=private_key_file,
-                          admin_key_file=admin_key_file)
+                          admin_key_file=admin_key_file, wait=wait)
     trail = LedgerTrail(ledger, ArtifactStore(run_folder), run_id, require_audit_record=require_audit_record,
                         run_info=run_info, admin=build_admin(ledger, enrol, admin_key_file), enrolment=Enrolment(enrol))
     return trail, trail.info

@@ -370,6 +370,8 @@ class AuditSettings(_Group):
                                   "$FEDLEDGER_ADMIN_KEY, else the node's second unlocked account (devnets)")
     enrol: str = setting("enrol", "simulation", 'who the admin enrols at run start: "simulation", "none" or 0x '
                          "addresses", enrolment)
+    ledger_wait: float = setting("ledger-wait", 120.0, "seconds the run waits for a chain node that does not answer "
+                                 "(visible back-off), then stops so that --resume continues it", at_least(0))
 
 
 @dataclass(frozen=True)

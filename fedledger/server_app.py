@@ -132,7 +132,7 @@ def audit_trail(settings: Settings, folder: str, run_id: int):
     a = settings.audit
     return build_trail(a.ledger, folder, run_id, rpc_url=a.rpc_url, registry_address=a.registry_address,
                        chain_id=a.chain_id or None, private_key_file=a.aggregator_key_file or None,
-                       admin_key_file=a.admin_key_file or None, enrol=a.enrol,
+                       admin_key_file=a.admin_key_file or None, enrol=a.enrol, wait=a.ledger_wait,
                        run_info={"run-config": settings.to_run_config()})
 
 
