@@ -25,6 +25,11 @@ Then, walking the rounds in order, one row per finding:
                      the round's; an aggregate that is not what the rule computes from the
                      recorded updates and trust decision (names round and rule);
 - ``MISSING``        a file, a record, a run record or a commit that should be there and is not;
+- ``NOT-ON-CHAIN``   what the run folder holds and the chain does not: a stored round, a stored
+                     update file or a journaled record (``audit/journal.jsonl``: every write the
+                     aggregator made, journaled before it was sent) with no record on chain; the
+                     node lost it (a restart from an older state) or it was never sent.
+                     ``fedledger resend RUN_FOLDER --send`` re-sends journaled writes;
 - ``BAD-SIGNATURE``  a signature on chain that does not recover to the recorded client over the
                      recorded fields (an inflated example count, a record replayed from another
                      registry, chain, run or round);
@@ -66,12 +71,13 @@ from fedledger.core.replay import Replay
 from fedledger.core.update import Identity
 
 from .hashing import bytes_hash, update_hash
+from .journal import JOURNAL_FILE, read_journal
 from .ledger import Ledger, LedgerError, records_digest
 from .signing import Commitment, recover
 from .store import ArtifactStore
 from .trail import ZERO_HASH
 
-PROBLEMS = ("MISMATCH", "MISSING", "BAD-SIGNATURE", "NOT-ENROLLED", "DROPPED", "NO-AGGREGATE")
+PROBLEMS = ("MISMATCH", "MISSING", "NOT-ON-CHAIN", "BAD-SIGNATURE", "NOT-ENROLLED", "DROPPED", "NO-AGGREGATE")
 UNVERIFIED = ("NOT-RECOMPUTED", "UNSIGNED", "NO-CHAIN")
 #: Rules whose server state carries over from round to round: once a round cannot be replayed,
 #: the later rounds cannot be either.
@@ -79,7 +85,9 @@ STATEFUL = {"FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"}
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
 STATUSES = ("OK", *PROBLEMS, "REJECTED", *UNVERIFIED)
+# NOT-ON-CHAIN rows are problems: a record the run made and the chain does not hold is a record lost
 KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest")
+ADDRESS_FILE = re.compile(r"(0x[0-9a-f]{40})\.safetensors")   # a signed update's file (unsigned: identity key)
 #: how a client's refusal names the round it was dropped from (chain.inclusion writes it)
 DROP_CLAIM = re.compile(r"my signed record of round (\d+) \(update (0x[0-9a-f]{64})\) is not on chain")
 
@@ -312,13 +320,64 @@ class RunAudit:
         rounds = self._rounds(self.chain.events)
         for rnd in sorted(set(rounds) | set(self._stored_rounds())):
             if rnd not in rounds:
-                out.append(Row(rnd, "round.json", "MISSING", f"round {rnd} is stored but has no record on chain",
-                               "document"))
+                out.append(Row(rnd, "round.json", "NOT-ON-CHAIN", f"round {rnd} is stored in the run folder "
+                                                                   f"({self._stored_what(rnd)}) but the chain has no "
+                                                                   f"record of it", "document"))
                 continue
             out += self._round(rnd, rounds[rnd])
+        out += self._not_on_chain(rounds)
         if not rounds:
             out.append(Row(0, "-", "MISSING", f"no rounds of run {self.run_id} on the registry", "document"))
         return sorted(out, key=lambda r: r.round)
+
+    # ----------------------------------------------------------------- the run folder against the chain
+    def _stored_what(self, rnd: int) -> str:
+        files = self._stored_updates(rnd)
+        parts = [f"{len(files)} update file(s)"] + [name for name, path in (
+            ("round.json", self.store.round_path(rnd)), ("global", self.store.global_path(rnd)),
+            ("aggregate", self.store.aggregate_path(rnd))) if os.path.exists(path)]
+        return ", ".join(parts)
+
+    def _stored_updates(self, rnd: int) -> list[str]:
+        """The signers whose update file round ``rnd`` stores (unsigned updates' files are not listed)."""
+        folder = os.path.join(self.store.round_dir(rnd), "updates")
+        if not os.path.isdir(folder):
+            return []
+        return sorted(m.group(1) for m in (ADDRESS_FILE.fullmatch(n) for n in os.listdir(folder)) if m)
+
+    def _journaled(self) -> dict[tuple[int, str], str]:
+        """(round, signer) -> update hash of every record the aggregator journaled for this registry and run."""
+        out: dict[tuple[int, str], str] = {}
+        for e in read_journal(os.path.join(self.store.root, JOURNAL_FILE)):
+            if (e.get("op") != "record-updates" or int(e.get("run-id", -1)) != self.run_id
+                    or str(e.get("registry", "")).lower() != self.chain.registry.lower()):
+                continue
+            for u in e.get("updates", []):
+                out[(int(e["round"]), str(u["client"]).lower())] = str(u["update-hash"])
+        return out
+
+    def _not_on_chain(self, rounds: dict[int, "_Round"]) -> list[Row]:
+        """A stored update file or a journaled record of a round on chain that the chain does not record."""
+        rows = []
+        journaled = self._journaled()
+        stored = {(rnd, c) for rnd in rounds for c in self._stored_updates(rnd)}
+        for rnd, client in sorted(set(journaled) | stored):
+            if rnd not in rounds:
+                continue   # the whole round is not on chain: one row above
+            recorded = {e["client"].lower(): e["update-hash"] for e in rounds[rnd].records}
+            if client in recorded:
+                if client in {c for (r, c) in journaled if r == rnd} and journaled[(rnd, client)] != recorded[client]:
+                    rows.append(Row(rnd, client, "MISMATCH", f"the journal holds update {journaled[(rnd, client)][:12]}"
+                                                             f"..., the chain records {recorded[client][:12]}...",
+                                    "update"))
+                continue
+            where = " and ".join(w for w, present in (("a stored update file", (rnd, client) in stored),
+                                                      ("a journaled signed record", (rnd, client) in journaled))
+                                 if present)
+            rows.append(Row(rnd, client, "NOT-ON-CHAIN", f"the run folder holds {where} of round {rnd}, the chain no "
+                                                         f"record: lost by the node or never sent (`fedledger resend "
+                                                         f"RUN_FOLDER --send` re-sends journaled records)", "update"))
+        return rows
 
     # ----------------------------------------------------------------- the run
     def _run_rows(self) -> list[Row]:

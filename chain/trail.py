@@ -250,8 +250,8 @@ class LedgerTrail:
         def once():
             missing = lost(self.ledger, self._journaled())
             if missing:
-                log.warning("ledger: the node at %s no longer holds %d write(s) of run %s, from %s on (a restart from "
-                            "an older state?); re-sending them from %s", self.ledger.rpc_url or "(in process)",
+                log.warning("ledger: the node at %s does not hold %d journaled write(s) of run %s, from %s on (a "
+                            "restart from an older state?); sending them from %s", self.ledger.rpc_url or "(in process)",
                             len(missing), self.run_id, describe(missing[0]), self.journal.path)
             for entry in missing:
                 send(self.ledger, self.admin, entry)
