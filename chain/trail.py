@@ -303,7 +303,7 @@ class LedgerTrail:
 
     def _refresh_enrolment(self) -> None:
         """The signers enrolled now; enrolment events not yet in the offline copy are added to it."""
-        events = self.ledger.enrolment_events()
+        events = self.ledger.patiently("the read of the enrolment", self.ledger.enrolment_events)
         self.store.append_events(events[self._exported_enrolment:])
         self._exported_enrolment = len(events)
         now: set[str] = set()
