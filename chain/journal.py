@@ -28,8 +28,9 @@ Entries (``"op"``)::
      "updates": [{"client", "update-hash", "num-examples", "signature"}, ...]}
     {"op": "commit", "run-id", "round", "aggregate-hash", "document-hash"}
 
-A resumed run (``fedledger run --resume``) appends to the same journal; an entry may appear twice
-(a round that was retried): re-sending it is a no-op once it is on chain. The audit reads the
+An entry may appear twice (a write that was retried): re-sending it is a no-op once it is on
+chain. ``fedledger resend RUN_FOLDER [--send]`` compares a finished (or stopped) run's journal
+with the chain and re-sends what the node lost after the run. The audit reads the
 journal too: a journaled record that is not on chain is ``NOT-ON-CHAIN``.
 """
 

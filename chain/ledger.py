@@ -419,7 +419,8 @@ class Ledger:
     def patiently(self, label: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, retried while the node does not answer: ``retries`` quick attempts, then, for
         up to ``wait`` seconds, a back-off (1, 2, 4 ... 15 s) with one log line per attempt that
-        says how long is left. Past that, :class:`NodeDown` (the run stops; it can be resumed)."""
+        says how long is left. Past that, :class:`NodeDown`: the run stops (its journal keeps what it
+        recorded; ``fedledger resend`` re-sends it)."""
         where = self.rpc_url or "the in-process chain"
         attempt, started, last = 0, time.monotonic(), None
         while True:
@@ -444,8 +445,8 @@ class Ledger:
             time.sleep(delay)
         waited = time.monotonic() - started
         raise NodeDown(f"{label} failed after {attempt} attempts in {waited:.0f} s ({type(last).__name__}); check that "
-                       f"the node at {where} is running (`fedledger devnet status`), then continue the run with "
-                       f"`fedledger run --resume RUN_FOLDER`")
+                       f"the node at {where} is running (`fedledger devnet status`); what the run recorded is in its "
+                       f"journal: `fedledger resend RUN_FOLDER --send` puts back what the node lost")
 
     def _reason(self, exc: Exception) -> str:
         """Name the contract's custom error (NotAggregator, RoundOutOfOrder, ...) when the revert data has one."""

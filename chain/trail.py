@@ -11,7 +11,8 @@ three aggregator transactions whatever the number of clients:
   open, run id, hash format and the caller's ``run_info``; then ``openRun(runId, SHA-256 of
   run.json, hash of the initial global)``: the chain holds the run's parameters from the start.
 - ``instruction(round, global, weight key)``: the ``audit`` ConfigRecord of every train
-  instruction: chain id, registry address, ledger kind, round, weight key. A client signs its
+  instruction: chain id, registry address, ledger kind, the ledger run id (what clients sign and
+  check: it need not be Flower's run id), round, weight key. A client signs its
   commitment under that registry's EIP-712 domain (and checks the chain before training).
 - ``verify(round, update)``: the reply's signed ``audit`` record (``update-hash``,
   ``global-hash``, ``num-examples``, ``signature``, ``signer``) must be there (unless
@@ -167,7 +168,7 @@ class LedgerTrail:
         self._globals[server_round] = update_hash(global_arrays)
         self._refresh_enrolment()   # reads only the blocks mined since the last round
         return {"chain-id": self.ledger.chain_id, "registry": self.ledger.address, "ledger": self.ledger.kind,
-                "server-round": int(server_round), "weight-key": str(weight_key)}
+                "run-id": self.run_id, "server-round": int(server_round), "weight-key": str(weight_key)}
 
     def verify(self, server_round: int, update: Update) -> tuple[str | None, str | None]:
         audit = update.audit

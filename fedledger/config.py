@@ -371,7 +371,7 @@ class AuditSettings(_Group):
     enrol: str = setting("enrol", "simulation", 'who the admin enrols at run start: "simulation", "none" or 0x '
                          "addresses", enrolment)
     ledger_wait: float = setting("ledger-wait", 120.0, "seconds the run waits for a chain node that does not answer "
-                                 "(visible back-off), then stops so that --resume continues it", at_least(0))
+                                 "(visible back-off), then stops in one line", at_least(0))
 
 
 @dataclass(frozen=True)

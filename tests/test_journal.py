@@ -177,4 +177,4 @@ def test_a_node_down_longer_than_the_wait_stops_the_run_in_one_line(chain, monke
     with pytest.raises(NodeDown) as err:
         chain.open_run(1, "0x" + "11" * 32, "0x" + "22" * 32)
     msg = str(err.value)
-    assert "\n" not in msg and "ConnectionError" in msg and "fedledger run --resume" in msg
+    assert "\n" not in msg and "ConnectionError" in msg and "fedledger resend RUN_FOLDER --send" in msg
