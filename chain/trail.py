@@ -58,7 +58,7 @@ import numpy as np
 from fedledger.core.pipeline import RoundReport
 from fedledger.core.update import Identity, Rejected, Update
 
-from .hashing import HASH_FORMAT, update_hash
+from .hashing import HASH_FORMAT, bytes_hash, update_hash
 from .journal import JOURNAL_FILE, Journal, describe, lost, send
 from .ledger import Ledger, LedgerError, Refused
 from .signing import Commitment, recover, simulation_account
@@ -243,6 +243,46 @@ class LedgerTrail:
         self._globals.pop(server_round, None)
         self._signers.pop(server_round, None)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != server_round}
+
+    # ----------------------------------------------------------------- resume
+    def position(self) -> dict:
+        """Where the run stands on the ledger (for a checkpoint): run id, chain, registry, run hash."""
+        return {"run-id": self.run_id, "chain-id": self.ledger.chain_id, "registry": self.ledger.address,
+                "rpc-url": self.ledger.rpc_url, "run-hash": self._run_hash,
+                "document-hashes": dict(self.document_hashes)}
+
+    def resume(self, position: Mapping, last_round: int) -> None:
+        """Continue a run from ``position`` (:meth:`position` of its checkpoint) after round
+        ``last_round``: the same run on the same registry; what the node lost is re-sent first."""
+        for key, ours in (("registry", self.ledger.address), ("chain-id", self.ledger.chain_id),
+                          ("run-id", self.run_id)):
+            if str(position.get(key)).lower() != str(ours).lower():
+                raise LedgerError(f"the checkpoint's {key} is {position.get(key)}, this trail's {ours}; resume on the "
+                                  f"registry and run the checkpoint names")
+        loaded = self.store.read_document(self.store.run_path)
+        if loaded is None or bytes_hash(loaded[0]) != position["run-hash"]:
+            raise LedgerError(f"{self.store.run_path} is missing or is not the run record the checkpoint names; "
+                              f"resume from the run folder the run wrote")
+        self._run_hash = position["run-hash"]
+        self.document_hashes = {int(k): v for k, v in position.get("document-hashes", {}).items()}
+        self.check_on_chain()
+        run = self.ledger.patiently("the read of the run", lambda: self.ledger.get_run(self.run_id))
+        if not run["opened-at"]:
+            raise LedgerError(f"run {self.run_id} is not open on the registry {self.ledger.address} (an eth-tester "
+                              f"chain ends with its ServerApp: such a run cannot resume)")
+        current = run["current-round"]
+        committed = self.ledger.get_round(self.run_id, current)["committed"] if current else True
+        if current > last_round + 1 or (current == last_round + 1 and committed):
+            raise LedgerError(f"the chain's run {self.run_id} is at round {current}, past the checkpoint (round "
+                              f"{last_round}): the ServerApp stopped between a commit and its checkpoint; this run "
+                              f"cannot resume (audit it with `fedledger audit`)")
+        if current == last_round + 1:
+            log.warning("ledger: round %s was opened on chain before the ServerApp stopped; it runs again (its "
+                        "records are kept if the clients send the same updates)", current)
+        self._exported_enrolment = len(self.ledger.patiently("the read of the enrolment",
+                                                             self.ledger.enrolment_events))   # already exported
+        self._refresh_enrolment()
+        log.info("ledger: run %s resumes on registry %s after round %s", self.run_id, self.ledger.address, last_round)
 
     # ----------------------------------------------------------------- nothing lost
     def check_on_chain(self) -> list[dict]:

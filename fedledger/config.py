@@ -389,6 +389,8 @@ class RunSettings(_Group):
 
     run_dir: str = setting("run-dir", "runs", "folder for each run's results", non_empty)
     seed: int = setting("seed", 42, "seed of model init, data splits and training")
+    resume: str = setting("resume", "", 'a run folder to continue after its last completed round (its checkpoint); '
+                          '"" = a new run')
 
 
 # ---------------------------------------------------------------------- the whole run
@@ -413,6 +415,7 @@ class Settings:
         self._check_attack()
         self._check_audit()
         self._check_trust()
+        self._check_resume()
 
     # ------------------------------------------------------------------ combinations
     def _check_attack(self) -> None:
@@ -429,6 +432,12 @@ class Settings:
             raise ConfigError(f"run-config audit={self.audit.ledger!r}: audit is not available with "
                               f"strategy={self.strategy.name!r}: the relay has no aggregate to record; use a hub "
                               "strategy (fedavg, krum, ...) or audit='none'", "audit")
+
+    def _check_resume(self) -> None:
+        if self.run.resume and self.serverless:
+            raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
+                              "(the peers' models live in their own node state, lost with a simulation); start the "
+                              "run again, or use a hub strategy", "resume")
 
     def _check_trust(self) -> None:
         t = self.trust
