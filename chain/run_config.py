@@ -27,6 +27,9 @@ key                    default                     what it does
                                                    beforehand), or comma-separated 0x addresses
 ``run-dir``            ``"runs"``                  run folders go to ``<run-dir>/<time>-run<id>/``
                                                    (relative: to the ServerApp process's working folder)
+``resume``             ``""``                      a run folder to continue after its last completed
+                                                   round (its ``checkpoint.pkl``): same ledger run id
+                                                   and registry (``OnChainAudit.resume_point``)
 ``ledger-wait``        ``120.0``                   seconds a write waits for a node that does not
                                                    answer (a back-off with one log line per attempt),
                                                    then the run stops (:mod:`.journal` re-sends what a
@@ -64,6 +67,7 @@ class LedgerConfig:
     enrol: str = "simulation"
     run_dir: str = "runs"
     ledger_wait: float = 120.0
+    resume: str = ""
 
     def __post_init__(self):
         for f in fields(self):

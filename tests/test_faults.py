@@ -124,3 +124,37 @@ def test_a_serverapp_killed_mid_round_resumes_as_one_audited_run(anvil_node, tmp
     assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["FedAdam recomputed bit-exactly"] * 3
     print(f"\nfaults: ServerApp killed in round 3: resumed round 3 in {resumed_seconds:.1f} s, 0 records lost, "
           f"0 rounds lost (round 3 trained again)")
+
+
+def test_a_plain_flower_serverapp_resumes_through_from_context(anvil_node, tmp_path):
+    """A third-party app (its own ClientApp with the mod, Flower's FedAvg in OnChainAudit.from_context)
+    dies in round 2; the next run sets run-config ``resume`` and starts from ``resume_point``."""
+    from flwr.app import Context, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.chain import OnChainAudit, audited
+
+    from .replies import record
+    from .test_client_mod import MIXED, plain_app
+    from .test_resume import Crash, DyingGrid, _only_folder
+
+    run_config = {"audit": "anvil", "rpc-url": anvil_node["url"], "run-dir": str(tmp_path / "runs")}
+    app = audited(plain_app("weights"))
+
+    def server(run_id: int, die_in_round=None, **extra):
+        cfg = {**run_config, **extra}
+        grid = DyingGrid(app, 2, cfg, run_id=run_id, seed=run_id, die_in_round=die_in_round)
+        context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+        strategy = OnChainAudit.from_context(FedAvg(fraction_evaluate=0.0), context)
+        arrays, first = strategy.resume_point(record(MIXED))
+        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3, first_round=first)
+        return strategy
+
+    with pytest.raises(Crash):
+        server(31, die_in_round=2)
+    folder = _only_folder(tmp_path / "runs")
+    resumed = server(32, resume=folder)
+    assert resumed.trail.run_id == 31 and sorted(resumed.reports) == [1, 2, 3]
+    report = audit_run(folder)
+    assert report.ok and report.run_id == 31, report.table()
+    assert sum(r.status == "OK" and r.kind == "update" for r in report.rows) == 6
