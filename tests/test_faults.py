@@ -91,6 +91,36 @@ def test_anvil_killed_after_a_round_commits_loses_no_record(slow_dumping_anvil, 
           f"recovered {recovered:.1f} s after the kill (node down {DOWN_SECONDS:.0f} s)")
 
 
+def test_what_a_node_lost_after_the_run_is_named_and_resent_by_the_cli(slow_dumping_anvil, tmp_path, capsys):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.cli_chain import main as cli
+
+    node, folder = slow_dumping_anvil, str(tmp_path / "run")
+    fed = Federation(run_id=12)
+    pipeline = OnChainAudit(FedAvg(), build_ledger("anvil", node["url"]), ArtifactStore(folder), fed.run_id)
+
+    def dump_after_round_1(rnd, arrays):
+        if rnd == 1:
+            devnet.stop(node["dir"])
+            devnet.start(port=node["port"], state_dir=node["dir"], state_interval=60)
+        return arrays
+
+    fed.drive(pipeline, rounds=2, next_global=dump_after_round_1)
+    assert cli(["resend", folder]) == 0 and "0 not on chain" in capsys.readouterr().out
+    _kill(node["dir"])                    # the run is over; the node loses round 2
+    devnet.start(port=node["port"], state_dir=node["dir"], state_interval=60)
+    report = audit_run(folder)
+    assert [(r.round, r.status) for r in report.problems] == [(2, "NOT-ON-CHAIN")], report.table()
+    assert cli(["resend", folder]) == 1
+    assert "3 not on chain (from the opening of round 2 on)" in capsys.readouterr().out
+    assert cli(["resend", folder, "--send"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("re-sent") == 3 and "re-sent the commit of round 2" in out
+    report = audit_run(folder)
+    assert report.ok and sum(r.status == "OK" and r.kind == "update" for r in report.rows) == 6, report.table()
+
+
 @pytest.fixture()
 def anvil_node(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
