@@ -41,6 +41,10 @@ Then, walking the rounds in order, one row per finding:
                      a refusal the round document lists (not proven);
 - ``NO-AGGREGATE``   a committed round whose aggregate hash is zero: the run learned nothing;
 - ``REJECTED``       a reply the aggregator refused, with its reason (counted, not a problem);
+- ``ABSENT``         a client enrolled when the run opened with no record, refusal or contest in a
+                     committed round whose document the chain vouches for: it did not reply (a
+                     dropout) or was not sampled (counted, not a problem: who was missing from
+                     which round). Not claimed for a round with a refusal that names no signer;
 - ``UNSIGNED``       an update accepted without a signed record (``require_audit_record=False``):
                      its bytes match the round document, but nobody signed it;
 - ``NOT-RECOMPUTED`` the aggregate's hash matches, but the rule cannot be replayed (a user's own
@@ -84,9 +88,9 @@ UNVERIFIED = ("NOT-RECOMPUTED", "UNSIGNED", "NO-CHAIN")
 STATEFUL = {"FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"}
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
-STATUSES = ("OK", *PROBLEMS, "REJECTED", *UNVERIFIED)
+STATUSES = ("OK", *PROBLEMS, "REJECTED", "ABSENT", *UNVERIFIED)
 # NOT-ON-CHAIN rows are problems: a record the run made and the chain does not hold is a record lost
-KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest")
+KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest", "participation")
 ADDRESS_FILE = re.compile(r"(0x[0-9a-f]{40})\.safetensors")   # a signed update's file (unsigned: identity key)
 #: how a client's refusal names the round it was dropped from (chain.inclusion writes it)
 DROP_CLAIM = re.compile(r"my signed record of round (\d+) \(update (0x[0-9a-f]{64})\) is not on chain")
@@ -139,6 +143,10 @@ class AuditReport:
         return self._with(("REJECTED",))
 
     @property
+    def absent(self) -> list[Row]:
+        return self._with(("ABSENT",))
+
+    @property
     def exit_code(self) -> int:
         if self.problems:
             return EXIT_PROBLEMS
@@ -163,9 +171,10 @@ class AuditReport:
             gaps.append(f"{len(self.unsigned)} update(s) UNSIGNED (accepted without a signed record)")
         if gaps:
             return "audit: no problem found, but " + ", and ".join(gaps)
-        n = len(self.rejected)
-        return "audit: OK, every record verified" + (
-            f" ({n} repl{'y' if n == 1 else 'ies'} REJECTED by the aggregator)" if n else "")
+        n, a = len(self.rejected), len(self.absent)
+        notes = ([f"{n} repl{'y' if n == 1 else 'ies'} REJECTED by the aggregator"] if n else []) + (
+            [f"{a} client-round(s) ABSENT"] if a else [])
+        return "audit: OK, every record verified" + (f" ({', '.join(notes)})" if notes else "")
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "exit-code": self.exit_code, "verdict": self.verdict, "run-id": self.run_id,
@@ -173,7 +182,8 @@ class AuditReport:
                 "rule": self.rule, "admin": self.admin, "admin-pinned": self.admin_pinned,
                 "aggregator": self.aggregator, "enrolled": self.enrolled, "seconds": round(self.seconds, 3),
                 "records": sum(1 for r in self.rows if r.kind == "update"), "problems": len(self.problems),
-                "rejected": len(self.rejected), "not-recomputed": len(self.not_recomputed),
+                "rejected": len(self.rejected), "absent": len(self.absent),
+                "not-recomputed": len(self.not_recomputed),
                 "unsigned": len(self.unsigned), "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
@@ -459,9 +469,26 @@ class RunAudit:
         if doc is not None:
             rows += [_rejected_row(rnd, r) for r in doc.get("rejected", [])]
             rows += self._drop_claims(rnd, doc)
+        rows += self._absent(rnd, chain, doc)
         global_arrays = self._global(rnd, chain, doc, rows)
         rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
         return rows
+
+    def _absent(self, rnd: int, chain: _Round, doc: dict | None) -> list[Row]:
+        """The clients enrolled at run open that the committed round neither records nor lists. None
+        when a refusal of the round names no signer (it may be any of them: not claimed)."""
+        if chain.commit is None or not self.enrolled_at_open or doc is None:
+            return []
+        refused = doc.get("rejected", [])
+        if any(not r.get("signer") for r in refused):
+            return []
+        present = {e["client"].lower() for e in chain.records} | {c["client"].lower() for c in chain.contests}
+        present |= {str(r["signer"]).lower() for r in refused}
+        from eth_utils import to_checksum_address
+
+        return [Row(rnd, to_checksum_address(a), "ABSENT", f"enrolled at run open; round {rnd} has no record, refusal or contest of it: "
+                                      f"it did not reply (a dropout) or was not sampled", "participation")
+                for a in sorted(self.enrolled_at_open - present)]
 
     def _round_global(self, chain: _Round) -> str | None:
         return chain.opened["global-hash"] if chain.opened is not None else None

@@ -27,9 +27,9 @@ def _common(settings: Settings, num_nodes: int) -> dict:
     return {
         "fraction_train": s.fraction_train,
         "fraction_evaluate": s.fraction_evaluate,
-        "min_train_nodes": 1,
+        "min_train_nodes": s.min_train_nodes,
         "min_evaluate_nodes": 1 if s.fraction_evaluate > 0 else 0,
-        "min_available_nodes": max(1, num_nodes),
+        "min_available_nodes": s.min_available_nodes or max(1, num_nodes),
     }
 
 
