@@ -25,6 +25,11 @@ Then, walking the rounds in order, one row per finding:
                      the round's; an aggregate that is not what the rule computes from the
                      recorded updates and trust decision (names round and rule);
 - ``MISSING``        a file, a record, a run record or a commit that should be there and is not;
+- ``NOT-ON-CHAIN``   what the run folder holds and the chain does not: a stored round, a stored
+                     update file or a journaled record (``audit/journal.jsonl``: every write the
+                     aggregator made, journaled before it was sent) with no record on chain; the
+                     node lost it (a restart from an older state) or it was never sent.
+                     ``fedledger resend RUN_FOLDER --send`` re-sends journaled writes;
 - ``BAD-SIGNATURE``  a signature on chain that does not recover to the recorded client over the
                      recorded fields (an inflated example count, a record replayed from another
                      registry, chain, run or round);
@@ -36,6 +41,10 @@ Then, walking the rounds in order, one row per finding:
                      a refusal the round document lists (not proven);
 - ``NO-AGGREGATE``   a committed round whose aggregate hash is zero: the run learned nothing;
 - ``REJECTED``       a reply the aggregator refused, with its reason (counted, not a problem);
+- ``ABSENT``         a client enrolled when the run opened with no record, refusal or contest in a
+                     committed round whose document the chain vouches for: it did not reply (a
+                     dropout) or was not sampled (counted, not a problem: who was missing from
+                     which round). Not claimed for a round with a refusal that names no signer;
 - ``UNSIGNED``       an update accepted without a signed record (``require_audit_record=False``):
                      its bytes match the round document, but nobody signed it;
 - ``NOT-RECOMPUTED`` the aggregate's hash matches, but the rule cannot be replayed (a user's own
@@ -66,20 +75,23 @@ from fedledger.core.replay import Replay
 from fedledger.core.update import Identity
 
 from .hashing import bytes_hash, update_hash
+from .journal import JOURNAL_FILE, read_journal
 from .ledger import Ledger, LedgerError, records_digest
 from .signing import Commitment, recover
 from .store import ArtifactStore
 from .trail import ZERO_HASH
 
-PROBLEMS = ("MISMATCH", "MISSING", "BAD-SIGNATURE", "NOT-ENROLLED", "DROPPED", "NO-AGGREGATE")
+PROBLEMS = ("MISMATCH", "MISSING", "NOT-ON-CHAIN", "BAD-SIGNATURE", "NOT-ENROLLED", "DROPPED", "NO-AGGREGATE")
 UNVERIFIED = ("NOT-RECOMPUTED", "UNSIGNED", "NO-CHAIN")
 #: Rules whose server state carries over from round to round: once a round cannot be replayed,
 #: the later rounds cannot be either.
 STATEFUL = {"FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"}
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
-STATUSES = ("OK", *PROBLEMS, "REJECTED", *UNVERIFIED)
-KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest")
+STATUSES = ("OK", *PROBLEMS, "REJECTED", "ABSENT", *UNVERIFIED)
+# NOT-ON-CHAIN rows are problems: a record the run made and the chain does not hold is a record lost
+KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest", "participation")
+ADDRESS_FILE = re.compile(r"(0x[0-9a-f]{40})\.safetensors")   # a signed update's file (unsigned: identity key)
 #: how a client's refusal names the round it was dropped from (chain.inclusion writes it)
 DROP_CLAIM = re.compile(r"my signed record of round (\d+) \(update (0x[0-9a-f]{64})\) is not on chain")
 
@@ -131,6 +143,10 @@ class AuditReport:
         return self._with(("REJECTED",))
 
     @property
+    def absent(self) -> list[Row]:
+        return self._with(("ABSENT",))
+
+    @property
     def exit_code(self) -> int:
         if self.problems:
             return EXIT_PROBLEMS
@@ -155,9 +171,10 @@ class AuditReport:
             gaps.append(f"{len(self.unsigned)} update(s) UNSIGNED (accepted without a signed record)")
         if gaps:
             return "audit: no problem found, but " + ", and ".join(gaps)
-        n = len(self.rejected)
-        return "audit: OK, every record verified" + (
-            f" ({n} repl{'y' if n == 1 else 'ies'} REJECTED by the aggregator)" if n else "")
+        n, a = len(self.rejected), len(self.absent)
+        notes = ([f"{n} repl{'y' if n == 1 else 'ies'} REJECTED by the aggregator"] if n else []) + (
+            [f"{a} client-round(s) ABSENT"] if a else [])
+        return "audit: OK, every record verified" + (f" ({', '.join(notes)})" if notes else "")
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "exit-code": self.exit_code, "verdict": self.verdict, "run-id": self.run_id,
@@ -165,7 +182,8 @@ class AuditReport:
                 "rule": self.rule, "admin": self.admin, "admin-pinned": self.admin_pinned,
                 "aggregator": self.aggregator, "enrolled": self.enrolled, "seconds": round(self.seconds, 3),
                 "records": sum(1 for r in self.rows if r.kind == "update"), "problems": len(self.problems),
-                "rejected": len(self.rejected), "not-recomputed": len(self.not_recomputed),
+                "rejected": len(self.rejected), "absent": len(self.absent),
+                "not-recomputed": len(self.not_recomputed),
                 "unsigned": len(self.unsigned), "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
@@ -312,13 +330,64 @@ class RunAudit:
         rounds = self._rounds(self.chain.events)
         for rnd in sorted(set(rounds) | set(self._stored_rounds())):
             if rnd not in rounds:
-                out.append(Row(rnd, "round.json", "MISSING", f"round {rnd} is stored but has no record on chain",
-                               "document"))
+                out.append(Row(rnd, "round.json", "NOT-ON-CHAIN", f"round {rnd} is stored in the run folder "
+                                                                   f"({self._stored_what(rnd)}) but the chain has no "
+                                                                   f"record of it", "document"))
                 continue
             out += self._round(rnd, rounds[rnd])
+        out += self._not_on_chain(rounds)
         if not rounds:
             out.append(Row(0, "-", "MISSING", f"no rounds of run {self.run_id} on the registry", "document"))
         return sorted(out, key=lambda r: r.round)
+
+    # ----------------------------------------------------------------- the run folder against the chain
+    def _stored_what(self, rnd: int) -> str:
+        files = self._stored_updates(rnd)
+        parts = [f"{len(files)} update file(s)"] + [name for name, path in (
+            ("round.json", self.store.round_path(rnd)), ("global", self.store.global_path(rnd)),
+            ("aggregate", self.store.aggregate_path(rnd))) if os.path.exists(path)]
+        return ", ".join(parts)
+
+    def _stored_updates(self, rnd: int) -> list[str]:
+        """The signers whose update file round ``rnd`` stores (unsigned updates' files are not listed)."""
+        folder = os.path.join(self.store.round_dir(rnd), "updates")
+        if not os.path.isdir(folder):
+            return []
+        return sorted(m.group(1) for m in (ADDRESS_FILE.fullmatch(n) for n in os.listdir(folder)) if m)
+
+    def _journaled(self) -> dict[tuple[int, str], str]:
+        """(round, signer) -> update hash of every record the aggregator journaled for this registry and run."""
+        out: dict[tuple[int, str], str] = {}
+        for e in read_journal(os.path.join(self.store.root, JOURNAL_FILE)):
+            if (e.get("op") != "record-updates" or int(e.get("run-id", -1)) != self.run_id
+                    or str(e.get("registry", "")).lower() != self.chain.registry.lower()):
+                continue
+            for u in e.get("updates", []):
+                out[(int(e["round"]), str(u["client"]).lower())] = str(u["update-hash"])
+        return out
+
+    def _not_on_chain(self, rounds: dict[int, "_Round"]) -> list[Row]:
+        """A stored update file or a journaled record of a round on chain that the chain does not record."""
+        rows = []
+        journaled = self._journaled()
+        stored = {(rnd, c) for rnd in rounds for c in self._stored_updates(rnd)}
+        for rnd, client in sorted(set(journaled) | stored):
+            if rnd not in rounds:
+                continue   # the whole round is not on chain: one row above
+            recorded = {e["client"].lower(): e["update-hash"] for e in rounds[rnd].records}
+            if client in recorded:
+                if client in {c for (r, c) in journaled if r == rnd} and journaled[(rnd, client)] != recorded[client]:
+                    rows.append(Row(rnd, client, "MISMATCH", f"the journal holds update {journaled[(rnd, client)][:12]}"
+                                                             f"..., the chain records {recorded[client][:12]}...",
+                                    "update"))
+                continue
+            where = " and ".join(w for w, present in (("a stored update file", (rnd, client) in stored),
+                                                      ("a journaled signed record", (rnd, client) in journaled))
+                                 if present)
+            rows.append(Row(rnd, client, "NOT-ON-CHAIN", f"the run folder holds {where} of round {rnd}, the chain no "
+                                                         f"record: lost by the node or never sent (`fedledger resend "
+                                                         f"RUN_FOLDER --send` re-sends journaled records)", "update"))
+        return rows
 
     # ----------------------------------------------------------------- the run
     def _run_rows(self) -> list[Row]:
@@ -400,9 +469,26 @@ class RunAudit:
         if doc is not None:
             rows += [_rejected_row(rnd, r) for r in doc.get("rejected", [])]
             rows += self._drop_claims(rnd, doc)
+        rows += self._absent(rnd, chain, doc)
         global_arrays = self._global(rnd, chain, doc, rows)
         rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
         return rows
+
+    def _absent(self, rnd: int, chain: _Round, doc: dict | None) -> list[Row]:
+        """The clients enrolled at run open that the committed round neither records nor lists. None
+        when a refusal of the round names no signer (it may be any of them: not claimed)."""
+        if chain.commit is None or not self.enrolled_at_open or doc is None:
+            return []
+        refused = doc.get("rejected", [])
+        if any(not r.get("signer") for r in refused):
+            return []
+        present = {e["client"].lower() for e in chain.records} | {c["client"].lower() for c in chain.contests}
+        present |= {str(r["signer"]).lower() for r in refused}
+        from eth_utils import to_checksum_address
+
+        return [Row(rnd, to_checksum_address(a), "ABSENT", f"enrolled at run open; round {rnd} has no record, refusal or contest of it: "
+                                      f"it did not reply (a dropout) or was not sampled", "participation")
+                for a in sorted(self.enrolled_at_open - present)]
 
     def _round_global(self, chain: _Round) -> str | None:
         return chain.opened["global-hash"] if chain.opened is not None else None

@@ -62,6 +62,13 @@ class Instruction:
     ledger: str
     server_round: int
     weight_key: str = NUM_EXAMPLES
+    run_id: int | None = None   # the run on the ledger (a resumed run keeps its first run's); None: Flower's
+
+    def ledger_run(self, context: Context) -> int:
+        """The run id the node signs for and checks on chain: the instruction's, else Flower's own.
+        A server that names another run gains nothing: the node checks that run on chain (open,
+        at this round, from the global it was sent) before it trains."""
+        return int(self.run_id) if self.run_id is not None else int(context.run_id)
 
     @classmethod
     def of(cls, msg: Message) -> "Instruction | None":
@@ -74,8 +81,9 @@ class Instruction:
             registry = str(rec["registry"])
             if not (registry.startswith("0x") and len(registry) == 42):
                 raise ValueError
+            run_id = rec.get("run-id")
             return cls(int(rec["chain-id"]), registry, str(rec.get("ledger", "")), int(rec["server-round"]),
-                       str(rec.get("weight-key", NUM_EXAMPLES)))
+                       str(rec.get("weight-key", NUM_EXAMPLES)), None if run_id is None else int(run_id))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"the server's '{AUDIT_KEY}' instruction is malformed ({dict(rec)}); is the server "
                              f"fedledger's OnChainAudit?") from None
@@ -130,12 +138,13 @@ def check_before_training(context: Context, instruction: Instruction, global_has
     if chain is None:
         return
     try:
-        check(chain, context.run_id, instruction.server_round, global_hash, key.address,
+        check(chain, instruction.ledger_run(context), instruction.server_round, global_hash, key.address,
               last_sent(context, instruction))
     except Refusal as refusal:
         if refusal.dropped is None:
             raise
-        raise Refusal(f"{refusal}; {contest(chain, context.run_id, refusal.dropped, key)}", refusal.dropped) from None
+        raise Refusal(f"{refusal}; {contest(chain, instruction.ledger_run(context), refusal.dropped, key)}",
+                      refusal.dropped) from None
     except LedgerError as exc:
         raise Refusal(f"cannot check the chain: {exc}") from None
 

@@ -61,6 +61,19 @@ class _Reverted(LedgerError):
     """A mined transaction with status 0 (e.g. a duplicate of one that landed first)."""
 
 
+class Refused(LedgerError):
+    """The registry refused a write (a revert); after a node lost earlier writes, re-sending them
+    from the journal (:mod:`.journal`) may make it acceptable."""
+
+
+class NodeDown(LedgerError):
+    """The node did not answer within the ledger's wait; the run stops so that it can be resumed."""
+
+
+class _Unreachable(LedgerError):
+    """A read that failed for want of the node (retried like any transient error)."""
+
+
 @dataclass(frozen=True)
 class UpdateEntry:
     client: str            # signer address (checksummed)
@@ -162,7 +175,7 @@ def _transient_types() -> tuple:
     from web3.exceptions import ProviderConnectionError, TimeExhausted
 
     return (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ProviderConnectionError,
-            TimeExhausted, ConnectionError, TimeoutError)
+            TimeExhausted, ConnectionError, TimeoutError, _Unreachable)
 
 
 def _node_chain_id(w3, rpc_url: str) -> int:
@@ -199,9 +212,10 @@ class Ledger:
     unlocked (eth-tester, anvil's dev accounts)."""
 
     def __init__(self, w3, contract, sender: str | None, kind: str, rpc_url: str | None, deploy_block: int = 0,
-                 timeout: float = 30.0, retries: int = 3, account=None, max_batch: int = 300):
+                 timeout: float = 30.0, retries: int = 3, account=None, max_batch: int = 300, wait: float = 0.0):
         self.w3, self.contract, self.sender, self.kind, self.rpc_url = w3, contract, sender, kind, rpc_url
         self.deploy_block, self.timeout, self.retries, self.max_batch = deploy_block, timeout, retries, max_batch
+        self.wait = float(wait)   # seconds a write or read waits for a node that does not answer (after retries)
         self._account = account
         self.chain_id = int(w3.eth.chain_id)
         self.tx_log: list[dict] = []      # hash, gas and wall time of every transaction this object sent
@@ -224,7 +238,7 @@ class Ledger:
         """The same registry, written by ``account`` (a LocalAccount) or the node's unlocked ``sender``."""
         return Ledger(self.w3, self.contract, account.address if account is not None else sender, self.kind,
                       self.rpc_url, deploy_block=self.deploy_block, timeout=self.timeout, retries=self.retries,
-                      account=account, max_batch=self.max_batch)
+                      account=account, max_batch=self.max_batch, wait=self.wait)
 
     def admin(self, private_key: str | None = None, private_key_file: str | None = None) -> "Ledger":
         """The registry written by its admin: the admin key (:func:`role_account`), else the node's
@@ -382,9 +396,10 @@ class Ledger:
     def _idempotent(self, label: str, pending: Callable[[], Any], send: Callable[[Any], Any],
                     rule: str = "only the registry's aggregator may write, in round order, each enrolled client once "
                                 "per round") -> None:
-        """Loop: read what is still missing on chain, send it; retry transient errors."""
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        """Read what is still missing on chain, send it, read again; transient errors are retried
+        (:meth:`patiently`), a revert is re-checked (the first attempt may have landed)."""
+
+        def attempt():
             try:
                 todo = pending()
                 if not todo:
@@ -392,22 +407,46 @@ class Ledger:
                 send(todo)
                 if not pending():
                     return
-                raise LedgerError(f"{label}: the chain does not show the write after it was mined; check the node")
-            except self._transient as exc:
-                last = exc
-                time.sleep(min(0.2 * 2 ** attempt, 2.0))
             except self._revert as exc:
                 # A revert after a retry may only mean the first attempt landed: re-check state.
-                last = exc
-                try:
-                    if not pending():
-                        return
-                except self._transient:
-                    pass
-                raise LedgerError(f"{label} was rejected by the registry ({self._reason(exc)}); {rule}") from None
+                if not pending():
+                    return
+                raise Refused(f"{label} was rejected by the registry ({self._reason(exc)}); {rule}") from None
+            raise LedgerError(f"{label}: the chain does not show the write after it was mined; check the node")
+
+        self.patiently(label, attempt)
+
+    def patiently(self, label: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried while the node does not answer: ``retries`` quick attempts, then, for
+        up to ``wait`` seconds, a back-off (1, 2, 4 ... 15 s) with one log line per attempt that
+        says how long is left. Past that, :class:`NodeDown`: the run stops (its journal keeps what it
+        recorded; ``fedledger resend`` re-sends it)."""
         where = self.rpc_url or "the in-process chain"
-        raise LedgerError(f"{label} failed after {self.retries + 1} attempts ({type(last).__name__}); "
-                          f"check that the node at {where} is running (`fedledger devnet status`)")
+        attempt, started, last = 0, time.monotonic(), None
+        while True:
+            try:
+                result = fn()
+                if attempt > self.retries:
+                    log.warning("ledger: the node at %s answers again after %.1f s; %s goes on", where,
+                                time.monotonic() - started, label)
+                return result
+            except self._transient as exc:
+                last, attempt = exc, attempt + 1
+            waited = time.monotonic() - started
+            left = self.wait - waited
+            if attempt <= self.retries:
+                time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+                continue
+            if left <= 0:
+                break
+            delay = min(2.0 ** (attempt - self.retries - 1), 15.0, left)
+            log.warning("ledger: the node at %s does not answer (%s) for %s; retrying in %.0f s (%.0f s left before "
+                        "the run stops)", where, type(last).__name__, label, delay, left)
+            time.sleep(delay)
+        waited = time.monotonic() - started
+        raise NodeDown(f"{label} failed after {attempt} attempts in {waited:.0f} s ({type(last).__name__}); check that "
+                       f"the node at {where} is running (`fedledger devnet status`); what the run recorded is in its "
+                       f"journal: `fedledger resend RUN_FOLDER --send` puts back what the node lost")
 
     def _reason(self, exc: Exception) -> str:
         """Name the contract's custom error (NotAggregator, RoundOutOfOrder, ...) when the revert data has one."""
@@ -651,7 +690,8 @@ class Ledger:
         try:
             logs = self.w3.eth.get_logs(query)
         except _transient_types():
-            raise LedgerError(f"lost the JSON-RPC node at {self.rpc_url} while reading events; check that it runs") from None
+            raise _Unreachable(f"lost the JSON-RPC node at {self.rpc_url} while reading events; check that it "
+                               f"runs") from None
         out = [e for e in (_decode_raw_log(log, t0) for log in logs) if e is not None]
         out.sort(key=lambda e: (e["block"], e["log-index"]))
         return out

@@ -93,8 +93,8 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         return reply
     from . import signing
 
-    commitment = signing.Commitment(instruction.chain_id, instruction.registry, context.run_id, server_round,
-                                    global_hash, "", weight)
+    commitment = signing.Commitment(instruction.chain_id, instruction.registry, instruction.ledger_run(context),
+                                    server_round, global_hash, "", weight)
     try:
         audit = signing.audit_record(record, commitment, key.account)
     except (TypeError, ValueError) as exc:  # an Array that does not decode to numpy

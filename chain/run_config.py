@@ -27,6 +27,13 @@ key                    default                     what it does
                                                    beforehand), or comma-separated 0x addresses
 ``run-dir``            ``"runs"``                  run folders go to ``<run-dir>/<time>-run<id>/``
                                                    (relative: to the ServerApp process's working folder)
+``resume``             ``""``                      a run folder to continue after its last completed
+                                                   round (its ``checkpoint.pkl``): same ledger run id
+                                                   and registry (``OnChainAudit.resume_point``)
+``ledger-wait``        ``120.0``                   seconds a write waits for a node that does not
+                                                   answer (a back-off with one log line per attempt),
+                                                   then the run stops (:mod:`.journal` re-sends what a
+                                                   restarted node lost)
 =====================  ==========================  ==================================================
 
 The defaults are the fedledger app's (``pyproject.toml``), except ``audit``: the fedledger app
@@ -59,13 +66,18 @@ class LedgerConfig:
     admin_key_file: str = ""
     enrol: str = "simulation"
     run_dir: str = "runs"
+    ledger_wait: float = 120.0
+    resume: str = ""
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            want = int if f.type in (int, "int") else str
+            want = {"int": int, "float": (int, float)}.get(getattr(f.type, "__name__", f.type), str)
             if isinstance(value, bool) or not isinstance(value, want):
-                _bad(f.name, value, "must be a whole number" if want is int else "must be a string")
+                _bad(f.name, value, "must be a string" if want is str else "must be a whole number" if want is int
+                     else "must be a number")
+        if self.ledger_wait < 0:
+            _bad("ledger_wait", self.ledger_wait, "must be >= 0 seconds")
         if self.audit not in KINDS:
             _bad("audit", self.audit, 'choose "anvil" or "eth-tester" (audit="none" means: do not wrap the strategy '
                                       'in OnChainAudit)')

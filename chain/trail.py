@@ -11,7 +11,8 @@ three aggregator transactions whatever the number of clients:
   open, run id, hash format and the caller's ``run_info``; then ``openRun(runId, SHA-256 of
   run.json, hash of the initial global)``: the chain holds the run's parameters from the start.
 - ``instruction(round, global, weight key)``: the ``audit`` ConfigRecord of every train
-  instruction: chain id, registry address, ledger kind, round, weight key. A client signs its
+  instruction: chain id, registry address, ledger kind, the ledger run id (what clients sign and
+  check: it need not be Flower's run id), round, weight key. A client signs its
   commitment under that registry's EIP-712 domain (and checks the chain before training).
 - ``verify(round, update)``: the reply's signed ``audit`` record (``update-hash``,
   ``global-hash``, ``num-examples``, ``signature``, ``signer``) must be there (unless
@@ -37,11 +38,18 @@ three aggregator transactions whatever the number of clients:
 
   then ONE ``commitAggregate(runId, round, aggregateHash, documentHash)`` transaction, with
   ``documentHash`` = SHA-256 of the file's bytes.
+
+Nothing lost: every write is first appended (fsync) to ``audit/journal.jsonl``
+(:mod:`.journal`), then sent. After each commit the trail reads the chain back and re-sends
+what the node lost (a node restarted from an older state); a write the registry refuses is
+retried once after re-sending what the node lost before it. A node that does not answer is
+waited for (``Ledger.wait`` seconds, a visible back-off), then the run stops with one line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,8 +58,9 @@ import numpy as np
 from fedledger.core.pipeline import RoundReport
 from fedledger.core.update import Identity, Rejected, Update
 
-from .hashing import HASH_FORMAT, update_hash
-from .ledger import Ledger, LedgerError, UpdateEntry
+from .hashing import HASH_FORMAT, bytes_hash, update_hash
+from .journal import JOURNAL_FILE, Journal, describe, lost, send
+from .ledger import Ledger, LedgerError, Refused
 from .signing import Commitment, recover, simulation_account
 from .store import ArtifactStore
 
@@ -138,6 +147,8 @@ class LedgerTrail:
         self._verified: dict[tuple[int, int], tuple[str, str, str]] = {}   # (round, node) -> (hash, signer, sig)
         self._signers: dict[int, set[str]] = {}
         self._rounds: dict[int, dict] = {}
+        self.journal = Journal(os.path.join(store.root, JOURNAL_FILE))
+        self.resent: list[dict] = []                    # journal entries re-sent because the node lost them
         ledger.listeners.append(self._export)
 
     # ----------------------------------------------------------------- AuditTrail
@@ -150,13 +161,14 @@ class LedgerTrail:
         if clash:
             raise ValueError(f"run_info keys {clash} collide with the run's record; rename them")
         self._run_hash = self.store.write_run({**run, **ours, **self.run_info})
-        self.ledger.open_run(self.run_id, self._run_hash, update_hash(global_arrays))
+        self._write({"op": "open-run", "run-id": self.run_id, "run-hash": self._run_hash,
+                     "initial-global": update_hash(global_arrays)})
 
     def instruction(self, server_round: int, global_arrays: Mapping[str, np.ndarray], weight_key: str) -> dict:
         self._globals[server_round] = update_hash(global_arrays)
         self._refresh_enrolment()   # reads only the blocks mined since the last round
         return {"chain-id": self.ledger.chain_id, "registry": self.ledger.address, "ledger": self.ledger.kind,
-                "server-round": int(server_round), "weight-key": str(weight_key)}
+                "run-id": self.run_id, "server-round": int(server_round), "weight-key": str(weight_key)}
 
     def verify(self, server_round: int, update: Update) -> tuple[str | None, str | None]:
         audit = update.audit
@@ -204,9 +216,11 @@ class LedgerTrail:
         self._rounds[server_round] = {"global-hash": update_hash(global_arrays), "updates": recorded,
                                       "rejected": [r.to_dict() for r in rejected]}
         self.rejected[server_round] = self._rounds[server_round]["rejected"]
-        self.ledger.open_round(self.run_id, server_round)
-        self.ledger.record_updates(self.run_id, server_round, [
-            UpdateEntry(r.client, r.update_hash, r.num_examples, r.signature) for r in recorded if r.client])
+        self._write({"op": "open-round", "run-id": self.run_id, "round": int(server_round)})
+        signed = [{"client": r.client, "update-hash": r.update_hash, "num-examples": int(r.num_examples),
+                   "signature": r.signature} for r in recorded if r.client]
+        if signed:
+            self._write({"op": "record-updates", "run-id": self.run_id, "round": int(server_round), "updates": signed})
 
     def commit(self, server_round: int, aggregate: Mapping[str, np.ndarray] | None, report: RoundReport) -> None:
         if server_round not in self._rounds:
@@ -221,12 +235,89 @@ class LedgerTrail:
                     "rejected": held["rejected"], "trust": report.trust, "aggregate-hash": agg_hash,
                     "aggregate-error": report.aggregate_error}
         doc_hash = self.store.write_round(server_round, document)
-        self.ledger.commit_aggregate(self.run_id, server_round, agg_hash, doc_hash)
+        self._write({"op": "commit", "run-id": self.run_id, "round": int(server_round), "aggregate-hash": agg_hash,
+                     "document-hash": doc_hash})
+        self.check_on_chain()
         self.document_hashes[server_round] = doc_hash
         del self._rounds[server_round]
         self._globals.pop(server_round, None)
         self._signers.pop(server_round, None)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != server_round}
+
+    # ----------------------------------------------------------------- resume
+    def position(self) -> dict:
+        """Where the run stands on the ledger (for a checkpoint): run id, chain, registry, run hash."""
+        return {"run-id": self.run_id, "chain-id": self.ledger.chain_id, "registry": self.ledger.address,
+                "rpc-url": self.ledger.rpc_url, "run-hash": self._run_hash,
+                "document-hashes": dict(self.document_hashes)}
+
+    def resume(self, position: Mapping, last_round: int) -> None:
+        """Continue a run from ``position`` (:meth:`position` of its checkpoint) after round
+        ``last_round``: the same run on the same registry; what the node lost is re-sent first."""
+        for key, ours in (("registry", self.ledger.address), ("chain-id", self.ledger.chain_id),
+                          ("run-id", self.run_id)):
+            if str(position.get(key)).lower() != str(ours).lower():
+                raise LedgerError(f"the checkpoint's {key} is {position.get(key)}, this trail's {ours}; resume on the "
+                                  f"registry and run the checkpoint names")
+        loaded = self.store.read_document(self.store.run_path)
+        if loaded is None or bytes_hash(loaded[0]) != position["run-hash"]:
+            raise LedgerError(f"{self.store.run_path} is missing or is not the run record the checkpoint names; "
+                              f"resume from the run folder the run wrote")
+        self._run_hash = position["run-hash"]
+        self.document_hashes = {int(k): v for k, v in position.get("document-hashes", {}).items()}
+        self.check_on_chain()
+        run = self.ledger.patiently("the read of the run", lambda: self.ledger.get_run(self.run_id))
+        if not run["opened-at"]:
+            raise LedgerError(f"run {self.run_id} is not open on the registry {self.ledger.address} (an eth-tester "
+                              f"chain ends with its ServerApp: such a run cannot resume)")
+        current = run["current-round"]
+        committed = self.ledger.get_round(self.run_id, current)["committed"] if current else True
+        if current > last_round + 1 or (current == last_round + 1 and committed):
+            raise LedgerError(f"the chain's run {self.run_id} is at round {current}, past the checkpoint (round "
+                              f"{last_round}): the ServerApp stopped between a commit and its checkpoint; this run "
+                              f"cannot resume (audit it with `fedledger audit`)")
+        if current == last_round + 1:
+            log.warning("ledger: round %s was opened on chain before the ServerApp stopped; it runs again (its "
+                        "records are kept if the clients send the same updates)", current)
+        self._exported_enrolment = len(self.ledger.patiently("the read of the enrolment",
+                                                             self.ledger.enrolment_events))   # already exported
+        self._refresh_enrolment()
+        log.info("ledger: run %s resumes on registry %s after round %s", self.run_id, self.ledger.address, last_round)
+
+    # ----------------------------------------------------------------- nothing lost
+    def check_on_chain(self) -> list[dict]:
+        """Read the chain back (its state, not a receipt) and re-send, from the journal, every
+        write of this run the node no longer holds; returns what was re-sent."""
+        def once():
+            missing = lost(self.ledger, self._journaled())
+            if missing:
+                log.warning("ledger: the node at %s does not hold %d journaled write(s) of run %s, from %s on (a "
+                            "restart from an older state?); sending them from %s", self.ledger.rpc_url or "(in process)",
+                            len(missing), self.run_id, describe(missing[0]), self.journal.path)
+            for entry in missing:
+                send(self.ledger, self.admin, entry)
+            return missing
+
+        missing = self.ledger.patiently("the read-back of the run's records", once)
+        self.resent += missing
+        return missing
+
+    def _write(self, entry: dict) -> None:
+        """Journal ``entry`` (on disk before anything is sent), then send it. A refusal may mean
+        that the node lost earlier writes: those are re-sent first, then this one once more."""
+        self.journal.append({**entry, "chain-id": self.ledger.chain_id, "registry": self.ledger.address})
+        try:
+            send(self.ledger, self.admin, entry)
+        except Refused:
+            if len(self.ledger.patiently("a read of the run's records", lambda: lost(self.ledger,
+                                                                                     self._journaled()))) <= 1:
+                raise   # nothing before it is missing: the registry refuses this write itself
+            self.check_on_chain()
+
+    def _journaled(self) -> list[dict]:
+        """The journal's entries for this registry and run (a folder reused for another chain keeps its own)."""
+        return [e for e in self.journal.entries() if e.get("registry") == self.ledger.address
+                and e.get("chain-id") == self.ledger.chain_id and e.get("run-id", self.run_id) == self.run_id]
 
     # ----------------------------------------------------------------- for the glue
     def info(self) -> dict:
@@ -234,6 +325,7 @@ class LedgerTrail:
         tx = self.ledger.tx_log + (self.admin.tx_log if self.admin is not None else [])
         return {**self.ledger.info(), "run-id": self.run_id, "transactions": len(tx),
                 "gas-used": sum(t["gas"] for t in tx), "artifacts": self.store.root,
+                "journal": self.journal.path, "resent-writes": len(self.resent),
                 "rejected-replies": {str(k): v for k, v in sorted(self.rejected.items()) if v}}
 
     # ----------------------------------------------------------------- helpers
@@ -245,14 +337,14 @@ class LedgerTrail:
         if self.admin is None:
             raise LedgerError(f"enrol={self.enrolment.policy!r} needs the registry's admin key; give admin-key-file "
                               f"(or $FEDLEDGER_ADMIN_KEY), or enrol the clients beforehand and set enrol=\"none\"")
-        new = self.admin.enrol(signers)
+        self._write({"op": "enrol", "signers": list(signers)})
         funded = self.admin.fund(signers)
-        log.info("admin %s enrolled %d signer(s) (%d new%s) on registry %s", self.admin.sender, len(signers), len(new),
+        log.info("admin %s enrolled %d signer(s)%s on registry %s", self.admin.sender, len(signers),
                  f", {funded} funded for contests (devnet)" if funded else "", self.ledger.address)
 
     def _refresh_enrolment(self) -> None:
         """The signers enrolled now; enrolment events not yet in the offline copy are added to it."""
-        events = self.ledger.enrolment_events()
+        events = self.ledger.patiently("the read of the enrolment", self.ledger.enrolment_events)
         self.store.append_events(events[self._exported_enrolment:])
         self._exported_enrolment = len(events)
         now: set[str] = set()

@@ -247,11 +247,14 @@ class RoundPipeline(Strategy):
     max_examples : int
         Upper bound of a reply's ``num-examples`` (default 10**9; the fedledger ServerApp sets
         the training-set size).
+    checkpoint : core.checkpoint.Checkpoint, optional
+        Saved after every completed round (after the trail committed it); ``core.checkpoint.resume``
+        and ``start(..., first_round=r + 1)`` continue a run from it.
     """
 
     def __init__(self, strategy: Strategy, *, trust: TrustStage | None = None, trail: AuditTrail | None = None,
                  identities: Identities | None = None, observers: Sequence[Observer] = (),
-                 max_examples: int | None = None) -> None:
+                 max_examples: int | None = None, checkpoint=None) -> None:
         if isinstance(strategy, RoundPipeline):  # compose: one pipeline, one decode, one policy
             inner = strategy
             trust = _one("trust stage", trust, inner.trust)
@@ -260,6 +263,7 @@ class RoundPipeline(Strategy):
                 None if isinstance(inner.identities, NodeIdentities) else inner.identities)
             observers = (*inner.observers, *observers)
             max_examples = max_examples if max_examples is not None else inner.max_examples
+            checkpoint = _one("checkpoint", checkpoint, inner.checkpoint)
             strategy = inner.strategy
         if not isinstance(strategy, Strategy):
             raise TypeError(f"expected a Flower Strategy, got {type(strategy).__name__}")
@@ -269,10 +273,50 @@ class RoundPipeline(Strategy):
         self.identities: Identities = identities if identities is not None else NodeIdentities()
         self.observers = tuple(observers)
         self.max_examples = int(max_examples if max_examples is not None else DEFAULT_MAX_EXAMPLES)
+        self.checkpoint = checkpoint
         self.reports: dict[int, RoundReport] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._layout: Layout | None = None
         self._begun = False
+
+    # ----------------------------------------------------------------- resume
+    def mark_begun(self) -> None:
+        """The run began before (a resumed run): the trail's ``begin`` is not called again."""
+        self._begun = True
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None, *, first_round: int = 1):
+        """Flower's ``Strategy.start``; with ``first_round`` > 1 (a resumed run) the rounds
+        ``first_round .. num_rounds`` run the same steps from ``initial_arrays`` (the global
+        after round ``first_round - 1``), without the initial evaluation."""
+        if first_round == 1:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                 evaluate_fn)
+        from flwr.serverapp.strategy.result import Result
+
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        result.arrays = initial_arrays
+        log.info("resuming at round %s of %s", first_round, num_rounds)
+        for rnd in range(int(first_round), int(num_rounds) + 1):
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg, train_metrics = self.aggregate_train(rnd, replies)
+            if agg is not None:
+                result.arrays = arrays = agg
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
 
     # ----------------------------------------------------------------- description
     def describe(self) -> dict:
@@ -364,6 +408,8 @@ class RoundPipeline(Strategy):
         report.finished = time.perf_counter()
         for observer in self.observers:
             report.extra.update(observer.observe(report))
+        if self.checkpoint is not None:   # the round is complete: a resume starts after it
+            self.checkpoint.save(self, server_round, aggregate if aggregate is not None else self._global)
         return (to_record(aggregate) if aggregate is not None else None), metrics
 
     # ----------------------------------------------------------------- evaluate

@@ -2,6 +2,7 @@
 
     fedledger run     [--run-config "k=v ..."] [--num-supernodes N]   a flwr simulation, checked and cleaned up
                       [--quiet | --verbose]                          warnings only / everything flwr streams
+                      [--resume RUN_FOLDER]                          continue a run after its last completed round
     fedledger audit   ...                                              re-hash and verify a run's ledger history
     fedledger devnet  start|stop|status                                the local anvil devnet
 
@@ -41,7 +42,7 @@ def cmd_run(args) -> int:
     app_dir = os.path.abspath(args.app)
     try:
         logs.configure(None if mode == "default" else MODE_LEVELS[mode])
-        settings, overrides = _checked_settings(app_dir, args)
+        settings, overrides = _checked_settings(app_dir, args, _resumed_run_config(args.resume))
     except (ConfigError, ValueError) as exc:  # ValueError: a bad $FEDLEDGER_LOG_LEVEL
         return _fail(str(exc))
     except FileNotFoundError:
@@ -70,7 +71,7 @@ def cmd_run(args) -> int:
         if errors:
             print(errors[0], file=sys.stderr)
         return 1
-    if folder and folder != before:
+    if folder and (folder != before or args.resume):
         print(f"fedledger: results in {folder}")
         _print_summary(folder)
         if settings.audit.ledger != "none" and not args.no_audit:
@@ -84,9 +85,25 @@ def _output_mode(args) -> str:
     return "quiet" if args.quiet else "verbose" if args.verbose else "default"
 
 
-def _checked_settings(app_dir: str, args) -> tuple[Settings, dict]:
-    """Typed settings for defaults + overrides, checked against the node count, before anything starts."""
-    overrides = parse_run_config_string(args.run_config or "")
+def _resumed_run_config(folder: str | None) -> dict:
+    """The run-config of the run in ``folder`` (its checkpoint) plus ``resume=<folder>``; {} for a new run."""
+    if not folder:
+        return {}
+    from fedledger.core.checkpoint import Checkpoint, CheckpointError
+
+    path = os.path.abspath(folder)
+    try:
+        state = Checkpoint(path).load()
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume {folder}: {exc}") from None
+    print(f"fedledger: resuming {path} after round {state['round']}")
+    return {**state["extra"].get("run-config", {}), "resume": path}
+
+
+def _checked_settings(app_dir: str, args, base: dict | None = None) -> tuple[Settings, dict]:
+    """Typed settings for defaults + overrides, checked against the node count, before anything starts.
+    ``base``: a resumed run's own run-config, under the command line's overrides."""
+    overrides = {**(base or {}), **parse_run_config_string(args.run_config or "")}
     defaults = pyproject_defaults(app_dir)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
@@ -155,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run (default: ./.flwr)")
     run.add_argument("--timeout", type=float, default=3 * 3600)
     run.add_argument("--no-audit", action="store_true", help="skip the audit at the end of an audited run")
+    run.add_argument("--resume", default=None, metavar="RUN_FOLDER", help="continue the run of RUN_FOLDER after its "
+                     "last completed round, with its settings and its run id on the ledger (--run-config may raise "
+                     "num-rounds); pass the same --num-supernodes")
     output = run.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", help="only warnings, errors and the final result lines")
     output.add_argument("--verbose", action="store_true",

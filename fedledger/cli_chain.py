@@ -1,5 +1,5 @@
 """Chain commands of the ``fedledger`` CLI: ``devnet start|stop|status``, ``registry`` (the admin's
-``deploy|enrol|revoke|show``) and ``audit``.
+``deploy|enrol|revoke|show``), ``audit`` and ``resend`` (a run's journal against the chain).
 
 ``fedledger/cli.py`` calls :func:`add_chain_commands`; ``python -m fedledger.cli_chain ...`` works
 too. ``fedledger audit RUN_FOLDER`` (or ``fedledger audit --run-id ID [--runs DIR]``, which finds
@@ -111,7 +111,7 @@ def cmd_devnet(args) -> int:
 
     try:
         if args.action == "start":
-            info = devnet.start(port=args.port, state_dir=args.dir)
+            info = devnet.start(port=args.port, state_dir=args.dir, state_interval=args.state_interval)
         elif args.action == "stop":
             info = devnet.stop(state_dir=args.dir)
         else:
@@ -124,9 +124,51 @@ def cmd_devnet(args) -> int:
         extra = f", block {info['block']}, chain id {info['chain-id']}" if "block" in info else ""
         print(f"devnet: {info.get('note', 'running')}: anvil pid {info['pid']} at {info.get('rpc-url')}{extra}; "
               f"state {info['state-file']}")
+        if info.get("state-interval"):
+            print(f"devnet: {devnet.what_a_kill_loses(info['state-interval'])}")
     else:
         print(f"devnet: {info.get('note', 'not running')} (state {info['state-file']})")
     return 0 if (info["running"] or args.action != "status") else 3
+
+
+def devnet_interval() -> int:
+    from fedledger.chain.devnet import DEFAULT_STATE_INTERVAL
+
+    return DEFAULT_STATE_INTERVAL
+
+
+def cmd_resend(args) -> int:
+    """The run's journal against the chain; with --send, the lost writes re-sent."""
+    from fedledger.chain import journal
+    from fedledger.chain.ledger import Ledger, LedgerError
+    from fedledger.chain.store import ArtifactStore
+
+    store = ArtifactStore(args.run_folder, create=False)
+    try:
+        loaded = store.read_document(store.run_path)
+        if loaded is None:
+            return _fail(f"no audit record at {store.run_path}; pass the folder of a run made with audit=\"anvil\"")
+        run = loaded[1]
+        entries = [e for e in journal.read_journal(os.path.join(store.root, journal.JOURNAL_FILE))
+                   if str(e.get("registry", "")).lower() == str(run.get("registry-address", "")).lower()]
+        if not entries:
+            return _fail(f"{os.path.join(store.root, journal.JOURNAL_FILE)} holds no write of this run's registry")
+        ledger = Ledger.connect(args.rpc_url or run["rpc-url"], run["registry-address"], chain_id=run.get("chain-id"),
+                                read_only=not args.send, private_key_file=args.aggregator_key_file)
+        missing = journal.lost(ledger, entries)
+        print(f"journal: {len(entries)} write(s) of run {run['run-id']}, {len(missing)} not on chain"
+              + (f" (from {journal.describe(missing[0])} on)" if missing else ""))
+        if not missing or not args.send:
+            return 1 if missing else 0
+        admin = ledger.admin(private_key_file=args.admin_key_file) if any(e["op"] == "enrol" for e in missing) else None
+        for entry in missing:
+            journal.send(ledger, admin, entry)
+            print(f"re-sent {journal.describe(entry)}")
+        return 0
+    except LedgerError as exc:
+        return _fail(str(exc))
+    except (OSError, ValueError, KeyError) as exc:
+        return _fail(f"cannot read the run record in {args.run_folder} ({type(exc).__name__}: {exc})")
 
 
 def add_chain_commands(subparsers) -> None:
@@ -165,8 +207,26 @@ def add_chain_commands(subparsers) -> None:
     dev.add_argument("action", choices=["start", "stop", "status"])
     dev.add_argument("--port", type=int, default=8545)
     dev.add_argument("--dir", default=None, help="state folder (default: .fedledger/devnet in the cwd)")
+    dev.add_argument("--state-interval", type=int, default=devnet_interval(), help="start: seconds between anvil's "
+                     "state dumps; a SIGKILL loses the blocks mined since the last one (default: %(default)s, the "
+                     "least anvil allows)")
     dev.add_argument("--json", action="store_true")
     dev.set_defaults(func=cmd_devnet)
+
+    res = subparsers.add_parser(
+        "resend", help="compare a run's ledger journal with the chain and re-send what the node lost",
+        description="Reads <run folder>/audit/journal.jsonl (every write the run made, journaled before it was sent), "
+                    "checks the chain's state for them and, with --send, re-sends the ones the node no longer holds "
+                    "(a node restarted from an older state). Exit codes: 0 nothing lost (or all re-sent), 1 lost "
+                    "writes found and not re-sent, 2 bad input.")
+    res.add_argument("run_folder", help="folder of an audited run (holds audit/journal.jsonl)")
+    res.add_argument("--send", action="store_true", help="re-send the lost writes (the run's aggregator key; the "
+                     "admin's for a lost enrolment)")
+    res.add_argument("--rpc-url", default=None, help="JSON-RPC URL (default: the one the run used)")
+    res.add_argument("--aggregator-key-file", default=None, help="the aggregator's key file (default: "
+                     "$FEDLEDGER_AGGREGATOR_KEY, else the node's first unlocked account: devnets only)")
+    res.add_argument("--admin-key-file", default=None, help="the admin's key file (a lost enrolment only)")
+    res.set_defaults(func=cmd_resend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -305,6 +305,12 @@ class StrategySettings(_Group):
                                     within(0, 1, "(]"))
     fraction_evaluate: float = setting("fraction-evaluate", 0.0, "share of nodes sampled to evaluate each round",
                                        within(0, 1, "[]"))
+    min_train_nodes: int = setting("min-train-nodes", 1, "hub strategies: fewest nodes a round samples to train",
+                                   at_least(1))
+    min_available_nodes: int = setting("min-available-nodes", 0, "hub strategies: nodes that must be connected "
+                                       "before a round starts (Flower waits for them); 0 = every node of the run's "
+                                       "start (a dropout then stalls the round: set fewer to go on without it)",
+                                       at_least(0))
     num_malicious: int = setting("num-malicious", -1, "f for Krum/MultiKrum/Bulyan; -1 = the number of malicious ids",
                                  at_least(-1))
     proximal_mu: float = setting("proximal-mu", 0.01, "FedProx proximal term", at_least(0))
@@ -370,6 +376,8 @@ class AuditSettings(_Group):
                                   "$FEDLEDGER_ADMIN_KEY, else the node's second unlocked account (devnets)")
     enrol: str = setting("enrol", "simulation", 'who the admin enrols at run start: "simulation", "none" or 0x '
                          "addresses", enrolment)
+    ledger_wait: float = setting("ledger-wait", 120.0, "seconds the run waits for a chain node that does not answer "
+                                 "(visible back-off), then stops in one line", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -387,6 +395,8 @@ class RunSettings(_Group):
 
     run_dir: str = setting("run-dir", "runs", "folder for each run's results", non_empty)
     seed: int = setting("seed", 42, "seed of model init, data splits and training")
+    resume: str = setting("resume", "", 'a run folder to continue after its last completed round (its checkpoint); '
+                          '"" = a new run')
 
 
 # ---------------------------------------------------------------------- the whole run
@@ -411,6 +421,7 @@ class Settings:
         self._check_attack()
         self._check_audit()
         self._check_trust()
+        self._check_resume()
 
     # ------------------------------------------------------------------ combinations
     def _check_attack(self) -> None:
@@ -427,6 +438,12 @@ class Settings:
             raise ConfigError(f"run-config audit={self.audit.ledger!r}: audit is not available with "
                               f"strategy={self.strategy.name!r}: the relay has no aggregate to record; use a hub "
                               "strategy (fedavg, krum, ...) or audit='none'", "audit")
+
+    def _check_resume(self) -> None:
+        if self.run.resume and self.serverless:
+            raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
+                              "(the peers' models live in their own node state, lost with a simulation); start the "
+                              "run again, or use a hub strategy", "resume")
 
     def _check_trust(self) -> None:
         t = self.trust

@@ -8,6 +8,9 @@
     <run-dir>/<time>-run<id>/
         metrics.json     settings, identities, per-round reports (kept / rejected with reasons /
                          distrusted, bytes, seconds, trust, exchange), central evaluation, detection
+        checkpoint.pkl   (hub strategies) after every completed round: global adapter, strategy and
+                         trust state, ledger position, reports (core.checkpoint); run-config
+                         resume=<this folder> (fedledger run --resume) continues from it
         adapter/         final global adapter (peft format: adapter_config.json + adapter_model.safetensors)
         audit/           (audited runs) the ledger's artifacts: see fedledger.chain.store
 """
@@ -31,6 +34,8 @@ from fedledger.clients import model as model_lib  # noqa: E402
 from fedledger.clients import train as train_lib  # noqa: E402
 from fedledger.clients.data import DataError  # noqa: E402
 from fedledger.clients.model import ModelError  # noqa: E402
+from fedledger.core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from fedledger.core.checkpoint import resume as resume_pipeline  # noqa: E402
 from fedledger.core.pipeline import to_record  # noqa: E402
 from fedledger.core.update import decode_global  # noqa: E402
 from fedledger.strategies.detection import detection_metrics  # noqa: E402
@@ -53,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     logs.quiet_libraries()
     try:
         run(grid, context)
-    except (ConfigError, ModelError, DataError, TopologyError, LedgerError) as exc:  # bad input: one line
+    except (ConfigError, ModelError, DataError, TopologyError, LedgerError, CheckpointError) as exc:  # one line
         # Logged as one line; re-raised so that Flower records the run as failed (SystemExit
         # would be recorded as "completed"). What the ledger already recorded stays recorded.
         log.error("error: %s", exc)
@@ -62,15 +67,22 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     """The whole run; returns the run folder. ``settle``: seconds the number of connected nodes
-    must stay unchanged before the run starts (SuperNodes of a deployment connect one by one)."""
+    must stay unchanged before the run starts (SuperNodes of a deployment connect one by one).
+    With run-config ``resume`` = a run folder, the run continues there after its last completed
+    round (its checkpoint), under the same run id on the ledger."""
     settings = Settings.from_run_config(context.run_config)
+    resumed = Resumed.load(settings) if settings.run.resume else None
     nodes = connected_nodes(grid, settle=settle)
     settings.check_nodes(len(nodes))
-    folder = run_folder(settings, context.run_id)
-    log.info("run folder %s", folder)
+    if resumed is not None:
+        resumed.check_nodes(len(nodes))
+    folder = resumed.folder if resumed is not None else run_folder(settings, context.run_id)
+    ledger_run_id = resumed.ledger_run_id if resumed is not None else context.run_id
+    log.info("run folder %s%s", folder, f" (resumed after round {resumed.round})" if resumed is not None else "")
     roster = Roster(context.run_id, len(nodes), signing=settings.audit.ledger != "none",
                     expected_signers=simulation_signers(settings, context, len(nodes)))
-    trail, ledger_info = audit_trail(settings, folder, context.run_id)  # a chain that is not there fails fast
+    trail, ledger_info = audit_trail(settings, folder, ledger_run_id,   # a chain that is not there fails fast
+                                     registry=resumed.registry if resumed is not None else None)
     task = get_task(settings, 1)  # the server needs the held-out and root splits only
     evaluation = CentralEvaluation(task, settings.strategy.num_rounds)
     train_config = ConfigRecord({"local-steps": settings.train.local_steps})
@@ -84,17 +96,72 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
         final, rounds = result.arrays, relay_rounds(result, settings)
     else:
         max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
+        checkpoint = Checkpoint(folder, extra_fn=lambda: {"central": dict(evaluation.results), "num-nodes": len(nodes),
+                                                          "run-config": settings.to_run_config(),
+                                                          "ledger-run-id": ledger_run_id})
         pipeline = build_pipeline(settings, len(nodes), identities=roster, trail=trail,
-                                  reference_fn=reference_fn(task, settings), max_examples=max_examples)
+                                  reference_fn=reference_fn(task, settings), max_examples=max_examples,
+                                  checkpoint=checkpoint)
+        first_round = 1
+        if resumed is not None:
+            first_round, initial = resumed.restore(pipeline, evaluation)
         result = pipeline.start(grid=grid, initial_arrays=initial, num_rounds=settings.strategy.num_rounds,
-                                train_config=train_config, evaluate_fn=evaluation.hub(pipeline))
+                                train_config=train_config, evaluate_fn=evaluation.hub(pipeline),
+                                first_round=first_round)
         final, rounds = result.arrays, hub_rounds(pipeline, result, settings)
     wall = time.perf_counter() - start
     for rnd, central in evaluation.results.items():
         rounds.setdefault(rnd, {})["central"] = central
-    write_run(folder, settings, context.run_id, nodes, roster, rounds, wall, final, task,
+    write_run(folder, settings, ledger_run_id, nodes, roster, rounds, wall, final, task,
               ledger_info() if ledger_info else None)
     return folder
+
+
+class Resumed:
+    """A run folder's checkpoint, checked against the settings of the run that resumes it."""
+
+    #: run-config keys a resumed run may change (the rest must be the run's own)
+    MAY_CHANGE = ("resume", "num-rounds", "ledger-wait", "run-dir", "rpc-url")
+
+    def __init__(self, folder: str, state: dict):
+        self.folder, self.state = folder, state
+        self.round = int(state["round"])
+        extra = state.get("extra", {})
+        self.ledger_run_id = int(extra.get("ledger-run-id"))
+        self.registry = (state.get("trail") or {}).get("registry")
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Resumed":
+        folder = os.path.abspath(os.path.expanduser(settings.run.resume))
+        try:
+            state = Checkpoint(folder).load()
+        except CheckpointError as exc:
+            raise ConfigError(f"run-config resume={settings.run.resume!r}: {exc}", "resume") from None
+        before, now = state["extra"].get("run-config", {}), settings.to_run_config()
+        changed = sorted(k for k in set(before) | set(now) if k not in cls.MAY_CHANGE and before.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(f"run-config resume: {', '.join(f'{k}={now.get(k)!r} (the run had {before.get(k)!r})' for k in changed)}"
+                              f" differ from the run being resumed; resume with its settings (only "
+                              f"{', '.join(cls.MAY_CHANGE[1:])} may change)", "resume")
+        if settings.strategy.num_rounds <= int(state["round"]):
+            raise ConfigError(f"run-config resume: the run already completed {state['round']} of num-rounds="
+                              f"{settings.strategy.num_rounds}; nothing to resume (raise num-rounds to go on)", "resume")
+        return cls(folder, state)
+
+    def check_nodes(self, num_nodes: int) -> None:
+        had = int(self.state["extra"].get("num-nodes", num_nodes))
+        if had != num_nodes:
+            raise ConfigError(f"run-config resume: the run had {had} nodes, {num_nodes} are connected now; resume with "
+                              f"the same federation (--num-supernodes {had})", "resume")
+
+    def restore(self, pipeline, evaluation: "CentralEvaluation") -> tuple[int, ArrayRecord]:
+        """Put the checkpoint into ``pipeline`` and ``evaluation``: (first round to run, its global)."""
+        resume_pipeline(pipeline, self.state)
+        evaluation.results.update(self.state["extra"].get("central", {}))
+        initial = to_record(self.state["global"])
+        if self.round not in evaluation.results:   # the run stopped before it evaluated the checkpointed round
+            evaluation._evaluate(self.round, initial)
+        return self.round + 1, initial
 
 
 # ---------------------------------------------------------------------- set-up
@@ -123,16 +190,17 @@ def simulation_signers(settings: Settings, context: Context, num_partitions: int
     return {p: signing.simulation_account(p).address for p in range(num_partitions)}
 
 
-def audit_trail(settings: Settings, folder: str, run_id: int):
-    """(LedgerTrail, info function) for an audited run, else (None, None)."""
+def audit_trail(settings: Settings, folder: str, run_id: int, registry: str | None = None):
+    """(LedgerTrail, info function) for an audited run, else (None, None). ``registry``: the one a
+    resumed run continues on (else the settings' registry-address)."""
     if settings.audit.ledger == "none":
         return None, None
     from fedledger.chain.audit_strategy import build_trail
 
     a = settings.audit
-    return build_trail(a.ledger, folder, run_id, rpc_url=a.rpc_url, registry_address=a.registry_address,
+    return build_trail(a.ledger, folder, run_id, rpc_url=a.rpc_url, registry_address=registry or a.registry_address,
                        chain_id=a.chain_id or None, private_key_file=a.aggregator_key_file or None,
-                       admin_key_file=a.admin_key_file or None, enrol=a.enrol,
+                       admin_key_file=a.admin_key_file or None, enrol=a.enrol, wait=a.ledger_wait,
                        run_info={"run-config": settings.to_run_config()})
 
 

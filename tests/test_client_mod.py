@@ -118,6 +118,19 @@ def test_on_an_in_process_chain_a_node_trains_without_the_inclusion_check_and_sa
     assert len(lines) == 2 and all("eth-tester chain inside the ServerApp's process" in line for line in lines)
 
 
+def test_a_run_recorded_under_another_ledger_run_id_signs_that_id_and_the_audit_passes(chain, tmp_path):
+    """A resumed run keeps its first run's id on the ledger while Flower gives it a new one: the
+    instruction names the ledger's run id, and the mod signs that one."""
+    run_id = next(RUN_IDS)
+    grid = InProcessGrid(audited(plain_app("weights")), 2, {}, run_id=run_id)
+    pipeline = OnChainAudit(FedAvg(fraction_evaluate=0.0), chain, ArtifactStore(str(tmp_path)), run_id + 500)
+    pipeline.start(grid=grid, initial_arrays=record(MIXED), num_rounds=2)
+    assert pipeline.trail.info()["rejected-replies"] == {}
+    report = audit_run(str(tmp_path), ledger=chain)
+    assert report.ok and report.run_id == run_id + 500, report.table()
+    assert sum(r.status == "OK" and r.kind == "update" for r in report.rows) == 4
+
+
 def test_the_signed_reply_is_the_handler_reply_plus_one_audit_record():
     app = plain_app("weights")
     bare = app(train_message(), context(1))
