@@ -4,6 +4,7 @@
                       [--quiet | --verbose]                          warnings only / everything flwr streams
     fedledger audit   ...                                              re-hash and verify a run's ledger history
     fedledger devnet  start|stop|status                                the local anvil devnet
+    fedledger report  RUN_DIR                                          HTML page + PNG plots of a run
 
 Errors in user input print one line (``fedledger: error: ...``) and exit with status 2; the
 settings are checked before any process starts. ``.venv/bin/fedledger`` works without an
@@ -73,11 +74,27 @@ def cmd_run(args) -> int:
     if folder and folder != before:
         print(f"fedledger: results in {folder}")
         _print_summary(folder)
+        code = 0
         if settings.audit.ledger != "none" and not args.no_audit:
             from fedledger.cli_chain import audit_run_folder
 
-            return audit_run_folder(folder)
+            code = audit_run_folder(folder)
+        _print_report(folder, audit=not args.no_audit)
+        return code
     return 0
+
+
+def _print_report(folder: str, audit: bool) -> None:
+    """The run's HTML report (fedledger.report); a report that fails does not fail the run."""
+    from .report import build_report
+
+    try:
+        report = build_report(folder, audit=audit)
+    except Exception as exc:  # the run's results are written: say so, in one line
+        print(f"fedledger: warning: could not write the report ({type(exc).__name__}: {exc}); "
+              f"try: fedledger report {folder}", file=sys.stderr)
+        return
+    print(f"fedledger: report {report.html}")
 
 
 def _output_mode(args) -> str:
@@ -161,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="everything flwr streams (Flower's INFO lines, library warnings) and fedledger's DEBUG lines")
     run.set_defaults(func=cmd_run)
     from .cli_chain import add_chain_commands
+    from .report import add_report_command
 
     add_chain_commands(sub)
+    add_report_command(sub)
     return parser
 
 
