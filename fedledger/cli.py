@@ -22,6 +22,7 @@ import sys
 from . import logs
 from .config import ConfigError, Settings, parse_run_config_string, pyproject_defaults
 from .flwr_runner import MODE_LEVELS, run_simulation
+from .progress import LiveRound
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -61,8 +62,9 @@ def cmd_run(args) -> int:
             print(f"fedledger: {ledger_note}")
     run_config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
     before = _latest_run_folder(run_dir)
-    outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
-                             timeout=args.timeout, mode=mode)
+    with LiveRound(enabled=mode != "quiet") as live:  # one live line per round; --quiet: none
+        outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
+                                 timeout=args.timeout, mode=mode, progress=live.feed if mode != "quiet" else None)
     folder = _latest_run_folder(run_dir)
     print(f"\nfedledger: run {outcome.run_id} status {outcome.status}")
     if not outcome.ok:
