@@ -5,6 +5,7 @@
     fedledger audit   ...                                              re-hash and verify a run's ledger history
     fedledger devnet  start|stop|status                                the local anvil devnet
     fedledger report  RUN_DIR                                          HTML page + PNG plots of a run
+    fedledger bench   SUITE... [--quick]                               the benchmarks of bench/ (chain, trust, ...)
 
 Errors in user input print one line (``fedledger: error: ...``) and exit with status 2; the
 settings are checked before any process starts. ``.venv/bin/fedledger`` works without an
@@ -180,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="everything flwr streams (Flower's INFO lines, library warnings) and fedledger's DEBUG lines")
     run.set_defaults(func=cmd_run)
     from .cli_chain import add_chain_commands
+    from .bench_cli import add_bench_command
     from .report import add_report_command
 
     add_chain_commands(sub)
     add_report_command(sub)
+    add_bench_command(sub)
     return parser
 
 
