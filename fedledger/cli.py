@@ -41,7 +41,7 @@ def _latest_run_folder(run_dir: str) -> str | None:
 
 def cmd_run(args) -> int:
     mode = _output_mode(args)
-    app_dir = os.path.abspath(args.app)
+    app_dir = _app_dir(args.app, mode)
     try:
         logs.configure(None if mode == "default" else MODE_LEVELS[mode])
         settings, overrides = _checked_settings(app_dir, args)
@@ -98,6 +98,18 @@ def _print_report(folder: str, audit: bool) -> None:
               f"try: fedledger report {folder}", file=sys.stderr)
         return
     print(f"fedledger: report {report.html}")
+
+
+def _app_dir(app: str | None, mode: str) -> str:
+    """--app, else the current folder, else (no pyproject.toml here) the installed package's app."""
+    if app is not None or os.path.exists("pyproject.toml"):
+        return os.path.abspath(app or ".")
+    from .app_folder import APP_FOLDER, write_app
+
+    folder = write_app(APP_FOLDER)
+    if mode != "quiet":
+        print(f"fedledger: no pyproject.toml here: running the installed fedledger app ({folder})")
+    return folder
 
 
 def _output_mode(args) -> str:
@@ -167,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a Flower simulation of the app and check its real status")
-    run.add_argument("--app", default=".", help="app folder holding pyproject.toml (default: .)")
+    run.add_argument("--app", default=None, help="app folder holding pyproject.toml (default: ., or the installed "
+                     "package's app where . has none)")
     run.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 model=\'tiny\'"')
     run.add_argument("--num-supernodes", type=int, default=4)
     run.add_argument("--cpus-per-client", type=float, default=1)
