@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -55,21 +56,36 @@ def test_the_installed_app_has_the_checkout_defaults_key_for_key(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the packaging target
-def _build(kind: str, out: Path) -> Path:
-    """setuptools' PEP 517 hook in this environment (what `python -m build --no-isolation` calls)."""
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "fedledger", "core", "strategies", "clients", "chain")
+
+
+def _build(kind: str, out: Path, source: Path) -> Path:
+    """setuptools' PEP 517 hook in this environment (what `python -m build --no-isolation` calls),
+    on a copy of the package's sources (the build leaves egg-info and build/ behind)."""
+    if not source.exists():
+        source.mkdir()
+        for name in SOURCES:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / name, source / name)
     code = (f"from setuptools import build_meta as b; print(b.build_{kind}({str(out)!r}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300,
+                          env=_clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return out / done.stdout.strip().splitlines()[-1]
 
 
-def _fresh_venv(folder: Path) -> Path:
-    """A new virtualenv that reuses this environment's installed libraries (torch, flwr, ...) through a
-    path entry, so nothing is downloaded; this environment's own fedledger (an editable checkout) is
-    not imported: the .pth files of the reused folder are not executed."""
+def _fresh_venv(folder: Path, wheel: Path) -> Path:
+    """A new virtualenv with ``wheel`` installed (no dependencies), then given this environment's
+    installed libraries (torch, flwr, ...) through a path entry, so nothing is downloaded. The wheel
+    goes in first, so pip never sees this environment's own fedledger (an editable checkout), and
+    that one is never imported: the .pth files of the reused folder are not executed."""
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(folder)], check=True, timeout=300)
+    subprocess.run([base, "-m", "venv", str(folder)], check=True, timeout=300, env=_clean_env())
     python = folder / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   timeout=300, env=_clean_env())
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (Path(site) / "reused-libraries.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -90,14 +106,19 @@ for ep in m.distribution(sys.argv[1]).entry_points:
 def _console_scripts(python: Path, dist: str) -> None:
     """``dist``'s console scripts in the fresh venv's bin, run by its interpreter (``flwr run``
     looks flower-superlink, flwr-serverapp ... up on PATH)."""
-    subprocess.run([str(python), "-c", SHIM, dist], check=True, timeout=60)
+    subprocess.run([str(python), "-c", SHIM, dist], check=True, timeout=60, env=_clean_env())
+
+
+def _clean_env() -> dict:
+    """This environment without the checkout on PYTHONPATH or an active virtualenv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
 
 @pytest.mark.packaging
 def test_the_wheel_runs_an_audited_simulation_from_an_empty_folder_without_the_checkout(tmp_path):
     dist = tmp_path / "dist"
     dist.mkdir()
-    wheel, sdist = _build("wheel", dist), _build("sdist", dist)
+    wheel, sdist = _build("wheel", dist, tmp_path / "src"), _build("sdist", dist, tmp_path / "src")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     assert "fedledger/chain/__init__.py" in names and "fedledger/strategies/__init__.py" in names
@@ -107,14 +128,12 @@ def test_the_wheel_runs_an_audited_simulation_from_an_empty_folder_without_the_c
         members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
     assert {"LICENSE", "README.md", "pyproject.toml"} <= members
 
-    python = _fresh_venv(tmp_path / "venv")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300)
+    python = _fresh_venv(tmp_path / "venv", wheel)
     _console_scripts(python, "flwr")
     bin_dir = python.parent
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = _clean_env()
     env.update(PATH=f"{bin_dir}{os.pathsep}/usr/bin:/bin", HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
 
     def run(*cmd, timeout=120):
