@@ -4,29 +4,16 @@ shows round i/N, phase, elapsed and ETA; markers are never echoed and nothing is
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-from flwr.app import Context, RecordDict
 
 from fedledger.progress import MARKER, LiveRound, RoundMarks
 
-from .conftest import TINY
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def _first_phases(lines: list[str]) -> dict[int, list[str]]:
@@ -38,26 +25,11 @@ def _first_phases(lines: list[str]) -> dict[int, list[str]]:
     return phases
 
 
-def test_the_serverapp_marks_train_aggregate_ledger_evaluate_of_every_round(tmp_path, monkeypatch):
-    from fedledger import server_app
-    from fedledger.client_app import app as client_app
-    from fedledger.inprocess import InProcessGrid
-
-    monkeypatch.setenv("FEDLEDGER_PROGRESS", "1")
-    cfg = {**TINY, "local-steps": 1, "audit": "eth-tester", "run-dir": str(tmp_path)}
-    handler = Lines()
-    logger = logging.getLogger("fedledger")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        grid = InProcessGrid(client_app, 2, cfg, run_id=5)
-        server_app.run(grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=cfg),
-                       settle=0.0)
-    finally:
-        logger.removeHandler(handler)
-    assert _first_phases(handler.lines) == {0: ["evaluate"], 1: ["train", "aggregate", "ledger", "evaluate"],
-                                            2: ["train", "aggregate", "ledger", "evaluate"]}
-    assert all("/2 " in l for l in handler.lines if l.startswith("progress")), handler.lines
+def test_the_serverapp_marks_train_aggregate_ledger_evaluate_of_every_round(audited_attacked_run):
+    _, lines = audited_attacked_run
+    assert _first_phases(lines) == {0: ["evaluate"], 1: ["train", "aggregate", "ledger", "evaluate"],
+                                    2: ["train", "aggregate", "ledger", "evaluate"]}
+    assert all("/2 " in l for l in lines if l.startswith("progress")), lines
 
 
 def test_without_the_variable_the_serverapp_marks_nothing(monkeypatch):

@@ -33,10 +33,9 @@ def _run(tmp_path_factory, name: str, cfg: dict, nodes: int = 3) -> str:
                           settle=0.0)
 
 
-@pytest.fixture(scope="module")
-def audited_run(tmp_path_factory) -> str:
-    return _run(tmp_path_factory, "hub", {"trust": "pagerank", "attack": "sign-flip", "malicious": "2",
-                                          "audit": "eth-tester"})
+@pytest.fixture
+def audited_run(audited_attacked_run) -> str:
+    return audited_attacked_run[0]
 
 
 def rendered_dom(page: str) -> str:
