@@ -495,9 +495,10 @@ def build_report(run_dir: str, out_dir: str | None = None, audit: bool = True) -
     :class:`ReportError` when ``run_dir`` is not a run folder."""
     metrics, missing = read_run(run_dir)
     audited = os.path.exists(os.path.join(run_dir, "audit", "run.json"))
-    audit_json, audit_error = run_audit(run_dir) if audit else (None, "not run (--no-audit)")
+    audit_json, audit_error = run_audit(run_dir) if audit else (None, "not run: --no-audit")
     if audited and audit_json is None:
-        missing.append(f"the audit's verdict (the audit could not run: {audit_error})")
+        missing.append(f"the audit's verdict ({audit_error})" if not audit else
+                       f"the audit's verdict (the audit could not run: {audit_error})")
     verdict = audit_verdict(audit_json, audit_error, audited)
     figs = figures(metrics, audit_json)
     out = out_dir or os.path.join(run_dir, REPORT_FOLDER)

@@ -97,6 +97,23 @@ def test_a_tampered_run_is_reported_as_failed(audited_run, tmp_path):
     assert bad and bad[0]["round"] == 1, report.audit["rows"]
 
 
+def test_an_audit_that_cannot_reach_its_chain_is_not_checked_never_passed(audited_run, tmp_path):
+    """The aggregator points the run's record at a chain that is not there: no verdict is shown."""
+    moved = str(tmp_path / "moved")
+    shutil.copytree(audited_run, moved, ignore=shutil.ignore_patterns("report"))
+    path = os.path.join(moved, "audit", "run.json")
+    with open(path) as fh:
+        run = json.load(fh)
+    run.update({"kind": "anvil", "rpc-url": "http://127.0.0.1:9"})
+    with open(path, "w") as fh:
+        json.dump(run, fh)
+    report = build_report(moved)
+    assert report.verdict == "not-checked" and report.audit is None
+    assert "audit" not in report.figures and any("could not run" in m for m in report.missing), report.missing
+    dom = rendered_dom(report.html)
+    assert verdict_in(dom)[0] == "not-checked" and "PASSED" not in dom
+
+
 def test_a_serverless_run_gets_consensus_and_network_figures(tmp_path_factory):
     folder = _run(tmp_path_factory, "gossip", {"strategy": "gossip", "trust": "pagerank", "attack": "sign-flip",
                                                 "malicious": "2", "num-rounds": 1})
