@@ -174,30 +174,28 @@ def transactions(run_dir: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
+def _subplots(*grid, **kwargs):
+    """A matplotlib Figure and its axes without pyplot: no backend is chosen and no global figure
+    state is touched, so the report can be built inside a notebook or an application."""
+    from matplotlib.figure import Figure as MplFigure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = MplFigure(figsize=kwargs.pop("figsize"))
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
     return buf.getvalue()
 
 
 def loss_figure(rounds) -> Figure | None:
-    plt = _plt()
     loss, ppl = _series(rounds, "central", "eval-loss"), _series(rounds, "central", "perplexity")
     acc = _series(rounds, "central", "accuracy")
     if not loss[0] and not ppl[0]:
         return None
     panels = [p for p in ((loss, "held-out loss"), (ppl, "perplexity"), (acc, "accuracy")) if p[0][0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, ((xs, ys), label) in zip(axes[0], panels):
         ax.plot(xs, ys, marker="o")
         ax.set_xlabel("round")
@@ -209,7 +207,6 @@ def loss_figure(rounds) -> Figure | None:
 
 
 def traffic_figure(rounds) -> Figure | None:
-    plt = _plt()
     down, up = _series(rounds, "traffic", "bytes-sent"), _series(rounds, "traffic", "bytes-received")
     caption = "down: server to clients; up: clients to server (Flower messages)"
     if not down[0] and not up[0]:  # serverless: what the peers sent each other (simulated links)
@@ -220,7 +217,7 @@ def traffic_figure(rounds) -> Figure | None:
         labels = ("down", "up")
     if not down[0] and not up[0]:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _subplots(figsize=(6, 3.2))
     width = 0.38
     for offset, (xs, ys), label in ((-width / 2, down, labels[0]), (width / 2, up, labels[1])):
         ax.bar([x + offset for x in xs], [y / 1e6 for y in ys], width, label=label)
@@ -252,8 +249,7 @@ def clients_figure(rounds) -> Figure | None:
     counts = client_counts(rounds)
     if not counts:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _subplots(figsize=(6, 3.2))
     xs, bottom = sorted(counts), [0] * len(counts)
     for key, colour in (("kept", "#2e7d32"), ("rejected", "#9e9e9e"), ("distrusted", "#c62828")):
         ys = [counts[x][key] for x in xs]
@@ -297,8 +293,7 @@ def trust_figure(rounds, labels, malicious: list[int]) -> Figure | None:
     if matrix is None:
         return None
     xs, parts, values, what = matrix
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(xs) + 2.5), max(2.5, 0.45 * len(parts) + 1.2)))
+    fig, ax = _subplots(figsize=(max(4.5, 0.8 * len(xs) + 2.5), max(2.5, 0.45 * len(parts) + 1.2)))
     image = ax.imshow(values, aspect="auto", cmap="RdYlGn" if what.startswith("trust") else "Reds")
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_yticks(range(len(parts)), [f"client {p}" + (" (malicious)" if p in malicious else "") for p in parts])
@@ -322,8 +317,7 @@ def detection_figure(rounds) -> Figure | None:
     precision, recall = _series(rounds, "detection", "precision"), _series(rounds, "detection", "recall")
     if not precision[0] and not recall[0]:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _subplots(figsize=(6, 3.2))
     ax.plot(*precision, marker="o", label="precision")
     ax.plot(*recall, marker="s", linestyle="--", label="recall")
     ax.set_ylim(-0.05, 1.05)
@@ -363,16 +357,15 @@ def audit_figure(audit: dict, labels) -> Figure | None:
     xs, names, cells = audit_grid(audit, labels)
     if not cells:
         return None
-    plt = _plt()
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(xs) + 3.5), max(2.5, 0.45 * len(names) + 1.4)))
+    fig, ax = _subplots(figsize=(max(5.0, 0.9 * len(xs) + 3.5), max(2.5, 0.45 * len(names) + 1.4)))
     for i, name in enumerate(names):
         for j, rnd in enumerate(xs):
             status = cells.get((name, rnd))
             if status is None:
                 continue
-            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.4), 0.9, 0.8, color=AUDIT_COLOURS.get(status, "#000")))
+            ax.add_patch(Rectangle((j - 0.45, i - 0.4), 0.9, 0.8, color=AUDIT_COLOURS.get(status, "#000")))
             ax.text(j, i, status, ha="center", va="center", fontsize=7, color="white")
     ax.set_xlim(-0.6, len(xs) - 0.4)
     ax.set_ylim(len(names) - 0.5, -0.5)
@@ -391,8 +384,7 @@ def serverless_figure(rounds) -> Figure | None:
     network = _series(rounds, "exchange", "sim-network-seconds")
     if not consensus[0]:  # hub rounds also carry simulated network time: this figure is for serverless runs
         return None
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (left, right) = _subplots(1, 2, figsize=(9, 3.2))
     left.plot(*consensus, marker="o", label="mean")
     left.plot(*_series(rounds, "exchange", "consensus-max"), marker="s", linestyle="--", label="max")
     left.set_title("Consensus distance (peer to mean model)")
