@@ -22,7 +22,7 @@ import logging
 import os
 import time
 
-from . import logs
+from . import logs, progress
 
 logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at import time
 
@@ -87,12 +87,15 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     evaluation = CentralEvaluation(task, settings.strategy.num_rounds)
     train_config = ConfigRecord({"local-steps": settings.train.local_steps})
     initial = to_record(task.initial_adapter)
+    marks = progress.RoundMarks(settings.strategy.num_rounds) if progress.enabled() else None  # fedledger run's live line
+    if marks:
+        grid, trail = marks.grid(grid), marks.trail(trail)
     start = time.perf_counter()
     if settings.serverless:
         roster.refresh(grid)
         runner = build_relay(settings, len(nodes))
         result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
-                            train_config=train_config, evaluate_fn=evaluation.relay(runner))
+                            train_config=train_config, evaluate_fn=_marked(marks, evaluation.relay(runner)))
         final, rounds = result.arrays, relay_rounds(result, settings)
     else:
         max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
@@ -106,7 +109,7 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
         if resumed is not None:
             first_round, initial = resumed.restore(pipeline, evaluation)
         result = pipeline.start(grid=grid, initial_arrays=initial, num_rounds=settings.strategy.num_rounds,
-                                train_config=train_config, evaluate_fn=evaluation.hub(pipeline),
+                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.hub(pipeline)),
                                 first_round=first_round)
         final, rounds = result.arrays, hub_rounds(pipeline, result, settings)
     wall = time.perf_counter() - start
@@ -162,6 +165,10 @@ class Resumed:
         if self.round not in evaluation.results:   # the run stopped before it evaluated the checkpointed round
             evaluation._evaluate(self.round, initial)
         return self.round + 1, initial
+
+
+def _marked(marks, evaluate_fn):
+    return marks.evaluate_fn(evaluate_fn) if marks else evaluate_fn
 
 
 # ---------------------------------------------------------------------- set-up

