@@ -257,7 +257,10 @@ def _normalise(arrays: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ArrayRecord of ``arrays`` (names kept), each encoded with one copy (``encode_array``)."""
-    return ArrayRecord({k: encode_array(v) for k, v in arrays.items()})
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = encode_array(v)  # set item by item: ArrayRecord({...}) would rebuild every Array
+    return record
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -375,7 +378,7 @@ class RoundPipeline(Strategy):
         kept = [by_key[c.key] for c in contributions]
         aggregate, metrics, error = aggregate_contributions(
             self.strategy, server_round, contributions, [u.message.metadata for u in kept], self._layout,
-            [u.metrics for u in kept], [_arrayrecord(u, self._layout) for u in kept])
+            [u.metrics for u in kept], _Originals(kept, self._layout))
         clock.lap("aggregate")
         self._fill(report, updates, rejected, decision, kept, metrics, error)
         if error:
@@ -472,7 +475,24 @@ def _arrayrecord(update: Update, layout: Layout) -> ArrayRecord:
     nothing is re-encoded, and a strategy that empties its input (Flower's Bulyan and
     FedTrimmedAvg pop the arrays they read) never touches the reply itself."""
     (rec,) = update.message.content.array_records.values()
-    return ArrayRecord({name: rec[name] for name in layout.names})
+    out = ArrayRecord()
+    for name in layout.names:
+        out[name] = rec[name]
+    return out
+
+
+class _Originals(Sequence):
+    """The kept replies' own ArrayRecords, built only when a rule needs them (the FedAvg fast
+    path reads the decoded views instead)."""
+
+    def __init__(self, updates: Sequence[Update], layout: Layout):
+        self.updates, self.layout = updates, layout
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def __getitem__(self, i):
+        return _arrayrecord(self.updates[i], self.layout)
 
 
 def _one(what: str, a, b):

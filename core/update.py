@@ -79,6 +79,7 @@ class Update:
     message: Message                     # the reply itself (its Arrays are valid: reused, not re-encoded)
     identity: Identity | None = None
     dropped_metrics: tuple[str, ...] = ()
+    layout: "Layout | None" = None       # the layout ``arrays`` were decoded against (exact dtypes, shapes, C order)
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +194,7 @@ def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype, *, c
         raise BoundaryError(f"{name}: shape {got_shape} != {tuple(shape)}")
     if fortran and len(shape) > 1:
         raise BoundaryError(f"{name}: Fortran-ordered array")
-    if str(array.dtype) != str(dtype) or tuple(array.shape) != got_shape:
+    if array.dtype != _dtype_name(dtype) or tuple(array.shape) != got_shape:
         raise BoundaryError(f"{name}: declared {array.dtype}{tuple(array.shape)} differs from its bytes")
     count = math.prod(shape)
     if len(data) != offset + count * dtype.itemsize:
@@ -202,6 +203,17 @@ def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype, *, c
     if check_finite and not all_finite(view):
         raise BoundaryError(f"{name}: NaN/Inf values")
     return view
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)`` (what a Flower Array declares), cached: numpy's ``__str__`` is slow."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 def all_finite(view: np.ndarray) -> bool:
@@ -245,8 +257,8 @@ def decode_global(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def encode_array(value: np.ndarray) -> Array:
-    """``Array(np.ascontiguousarray(value))`` byte for byte (npy, as Flower writes it), with one
-    copy of the values instead of ``np.save``'s two (the header is built once per dtype and shape)."""
+    """``Array(np.ascontiguousarray(value))`` byte for byte (npy, as Flower writes it), without
+    ``np.save``'s stream (the header is built once per dtype and shape)."""
     v = np.ascontiguousarray(value)
     if v.dtype.hasobject:
         raise BoundaryError("cannot encode an object array (npy without pickle)")
@@ -254,7 +266,7 @@ def encode_array(value: np.ndarray) -> Array:
     header = _ENCODED_HEADERS.get(key)
     if header is None:
         header = _ENCODED_HEADERS[key] = _npy_header_bytes(v)
-    data = b"".join((header, v.reshape(-1) if v.size else b""))
+    data = header + v.tobytes()
     return Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype=NUMPY_STYPE, data=data)
 
 
@@ -322,7 +334,8 @@ def decode_reply(msg: Message, layout: Layout, max_examples: int, weight_key: st
     kept.pop(weight_key, None)
     audit = content.config_records.get(audit_key)
     return Update(node_id=int(msg.metadata.src_node_id), arrays=decoded, num_examples=n, metrics=kept,
-                  audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped)
+                  audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped,
+                  layout=layout)
 
 
 def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
