@@ -219,7 +219,9 @@ class PageRankScorer:
     """The trust stage (``core.pipeline.TrustStage``): PageRank trust on the round's decoded updates.
 
     State: the smoothed score of every client, keyed by ``Identity.key`` (the partition the glue
-    resolved for the node, never a partition id a reply reports about itself).
+    resolved for the node, never a partition id a reply reports about itself), and the memory of
+    the (N, P) delta matrix, reused round after round (the rows lent to ``apply_decision`` as its
+    workspace are valid until the next ``decide``).
 
     Parameters
     ----------
@@ -252,6 +254,7 @@ class PageRankScorer:
         self.history_weight, self.anchor, self.clip, self.reweight = float(history_weight), anchor, bool(clip), bool(reweight)
         self.pretrusted = sorted({int(p) for p in pretrusted}) if pretrusted is not None else []
         self.state: dict[str, float] = {}
+        self._rows: np.ndarray | None = None  # the delta matrix's memory, reused round after round
 
     def describe(self) -> dict:
         return {"name": "PageRankTrust", "threshold": self.threshold, "damping": self.damping,
@@ -266,7 +269,9 @@ class PageRankScorer:
         g = flat(global_arrays, names)
         ref = self._reference(server_round, global_arrays)
         anchor_delta = None if ref is None else ref - g
-        x, xr = delta_matrix([u.arrays for u in updates], names, g, anchor_delta)
+        x, xr = delta_matrix([u.arrays for u in updates], names, g, anchor_delta, buffer=self._rows)
+        if self._rows is None or x.base is not self._rows:
+            self._rows = x  # keep this round's memory for the next round's matrix
         hist = np.array([self.state.get(k, np.nan) for k in keys]) if self.state else None
         pre = [i for i, u in enumerate(updates) if u.identity.partition in self.pretrusted]
         mode = resolve_anchor(self.anchor, len(keys), anchor_delta is not None, pre, hist)
@@ -278,8 +283,7 @@ class PageRankScorer:
         elif mode != "reference":
             anchor_delta, xr = None, None
         gram = kernels.gram(x).astype(np.float64)  # the one GEMM: every pairwise similarity
-        rr = None if anchor_delta is None else float(np.dot(anchor_delta.astype(np.float64),
-                                                            anchor_delta.astype(np.float64)))
+        rr = None if anchor_delta is None else float(np.dot(anchor_delta, anchor_delta))
         scores, det = scores_from_gram(gram, xr, rr, mode, hist, pre, damping=self.damping, norm_tol=self.norm_tol,
                                        history_weight=self.history_weight, return_details=True)
         for k, sc in zip(keys, scores):
