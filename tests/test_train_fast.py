@@ -117,3 +117,31 @@ def test_the_peak_memory_window_starts_again_at_each_reset():
     assert train_lib.reset_peak_rss()
     after = train_lib.peak_rss_mb()
     assert high >= base + 60 and after < high - 50
+
+
+def _bench_train_speed():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "bench"))
+    import bench_train_speed
+
+    return bench_train_speed
+
+
+def test_the_gpu_throughput_bench_says_so_and_writes_nothing_without_a_gpu(monkeypatch, capsys):
+    bench = _bench_train_speed()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--device", "cuda", "--no-write"]) is None
+    assert "skipped: --device cuda but no CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_the_throughput_bench_runs_on_a_gpu_with_the_plain_baseline_beside_it(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    tok = model_lib.tiny_tokenizer()
+    model_lib.tiny_llama(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    out = _bench_train_speed().main(["--device", "cuda", "--bf16", "--model", str(tmp_path), "--rounds", "1",
+                                     "--steps", "2", "--no-write"])
+    assert out["device"] == "cuda" and out["median-tokens-per-second"]["plain HF + peft"] > 0
+    assert all(r > 0 for r in out["ratio-to-plain"].values())
