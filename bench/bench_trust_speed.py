@@ -16,7 +16,7 @@ Also measured in the same run (medians of interleaved repetitions after a warm-u
 kept contributions that follows, and Flower's own ``FedAvg.aggregate_train`` of the same
 replies for scale.
 
-    PYTHONPATH=. python bench/bench_trust_speed.py [--n 64 --params 4000000 --repeats 5] [--quick]
+    PYTHONPATH=. python bench/bench_trust_speed.py [--n 64 --params 4000000 --repeats 5] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="N=16, 1M params, 3 repeats")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for trust_speed.json / .md (default bench/results)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.params, args.repeats = 16, 1_000_000, 3
@@ -186,8 +187,8 @@ Sanity: the sign-flipped quarter is excluded: {payload['flipped-excluded']} (max
 Plot: `trust_speed.png`.
 """
     if not args.no_write:
-        write_results("trust_speed", payload, md)
-        plot(payload, os.path.join(HERE, "results", "trust_speed.png"))
+        jpath, _ = write_results("trust_speed", payload, md, args.out)
+        plot(payload, os.path.join(os.path.dirname(jpath), "trust_speed.png"))
     print(md)
     return payload
 

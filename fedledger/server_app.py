@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from fedledger.chain.store import new_run_folder  # noqa: E402
 from fedledger.clients import model as model_lib  # noqa: E402
 from fedledger.clients import train as train_lib  # noqa: E402
 from fedledger.clients.data import DataError  # noqa: E402
@@ -146,10 +147,7 @@ def audit_trail(settings: Settings, folder: str, run_id: int):
 
 
 def run_folder(settings: Settings, run_id: int) -> str:
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-    path = os.path.abspath(os.path.join(os.path.expanduser(settings.run.run_dir), name))
-    os.makedirs(path, exist_ok=True)
-    return path
+    return new_run_folder(settings.run.run_dir, run_id)
 
 
 def reference_fn(task, settings: Settings, evaluation: "CentralEvaluation"):
@@ -235,8 +233,13 @@ class CentralEvaluation:
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             report = pipeline.reports.get(server_round)
             entry = report.to_dict() if report else {}
-            return self._schedule(server_round, arrays,
-                                  lambda result: logs.round_line(server_round, self.num_rounds, entry, result))
+
+            def line(result: dict) -> str:
+                if report:  # the whole round as the user waited for it: train, aggregate, ledger, evaluation
+                    entry["wall-seconds"] = time.perf_counter() - report.started
+                return logs.round_line(server_round, self.num_rounds, entry, result)
+
+            return self._schedule(server_round, arrays, line)
 
         return evaluate_fn
 
