@@ -5,7 +5,7 @@ Flower grid delivers them: one ArrayRecord of npy-serialised Arrays per reply), 
 repetitions of
 
 - **bound**: the bytes of all replies read once at the bandwidth of a large numpy copy
-  (``np.copyto`` of 256 MiB), measured in the same repetition;
+  (the fastest of three ``np.copyto`` of 256 MiB), measured in the same repetition;
 - **Flower**: Flower's own ``FedAvg().aggregate_train(round, replies)``;
 - **ours**: the default fedledger FedAvg stack, ``RoundPipeline(FedAvg(), observers=[HubAccounting])``:
   ``aggregate_train`` of the round (decode + finiteness of every reply, aggregation, report,
@@ -140,7 +140,8 @@ def bench_n(n: int, repeats: int, layout: dict, src, dst) -> dict:
     same = all(mine[k].data == theirs[k].data for k in theirs) and mine.keys() == theirs.keys()
     rows = {"bound": [], "flower": [], "ours": [], "configure": [], "decode": [], "aggregate": []}
     for _ in range(repeats):  # interleaved: load from other processes hits all alike
-        rows["bound"].append(payload / copy_bandwidth(src, dst))
+        # the fastest of 3 copies: the bound is the hardware's, not the moment's load (a stricter ratio)
+        rows["bound"].append(payload / max(copy_bandwidth(src, dst) for _ in range(3)))
         rows["flower"].append(timed(lambda: flower.aggregate_train(1, replies)))
         rows["configure"].append(ours.configure())
         rows["ours"].append(timed(lambda: ours.aggregate(replies)))
@@ -162,22 +163,29 @@ def bench_n(n: int, repeats: int, layout: dict, src, dst) -> dict:
     return out
 
 
-def topology_setup(sizes) -> list[dict]:
+def first_round_setup(kind: str, n: int) -> float:
+    """Seconds of the first round's network accounting on a fresh topology (its path caches empty)."""
+    topo = topo_lib.build(kind, n, seed=42)
+    acc = HubAccounting(topo, local_steps=4, step_seconds=1.0, peer_of=lambda node: node)
+    report = RoundReport(1)
+    report.down_bytes = {i: 16_000_000 for i in range(n)}
+    report.up_bytes = dict(report.down_bytes)
+    return timed(lambda: acc.observe(report))
+
+
+def topology_setup(sizes, repeats: int = 3) -> list[dict]:
+    """Best of ``repeats`` fresh first rounds per size (single shots on a shared CPU are noisy)."""
     rows = []
     for kind in ("complete", "geometric"):
         for n in sizes:
-            topo = topo_lib.build(kind, n, seed=42)
-            acc = HubAccounting(topo, local_steps=4, step_seconds=1.0, peer_of=lambda node: node)
-            report = RoundReport(1)
-            report.down_bytes = {i: 16_000_000 for i in range(n)}
-            report.up_bytes = dict(report.down_bytes)
-            rows.append({"topology": kind, "n": n, "first-round-s": timed(lambda: acc.observe(report))})
+            secs = [first_round_setup(kind, n) for _ in range(repeats)]
+            rows.append({"topology": kind, "n": n, "first-round-s": min(secs), "seconds": secs})
     for kind in ("complete", "geometric"):
-        pts = [(r["n"], r["first-round-s"]) for r in rows if r["topology"] == kind and r["n"] >= 64]
+        pts = [(r["n"], r["first-round-s"]) for r in rows if r["topology"] == kind and r["n"] >= 128]
         slope = np.polyfit(np.log([p[0] for p in pts]), np.log([max(p[1], 1e-6) for p in pts]), 1)[0]
         for r in rows:
             if r["topology"] == kind:
-                r["exponent-fit-n>=64"] = float(slope)
+                r["exponent-fit-n>=128"] = float(slope)
     return rows
 
 
@@ -215,7 +223,8 @@ def markdown(results, topo_rows, info, args, threads) -> str:
              "(the 2 cores are shared with other jobs).", "",
              f"Replies: N adapters of {args.params:,} fp32 parameters in {args.tensors} tensors, npy-serialised "
              "Arrays as a Flower grid delivers them. Medians of interleaved repetitions; the bound is the bytes of all "
-             f"replies read once at the bandwidth of a 256 MiB `np.copyto` measured in the same repetition. "
+             f"replies read once at the bandwidth of the fastest of three 256 MiB `np.copyto` measured in the same "
+             f"repetition. "
              f"fedledger used {threads} threads (`FEDLEDGER_THREADS`).", "",
              "| N | reps | bound s | Flower s | fedledger s | Flower / bound | fedledger / bound (goal <= 2) | "
              "speed-up vs Flower | of which decode s | aggregate s | configure_train s | peak extra memory, adapters "
@@ -230,13 +239,14 @@ def markdown(results, topo_rows, info, args, threads) -> str:
     decodes = sorted({r["global-decodes-per-configure"] for r in results})
     lines += ["", f"`configure_train` decodes the global adapter {', '.join(f'{d:g}' for d in decodes)} time(s) per "
                   f"round at every N (counted: npy headers read + `Array.numpy` calls, per tensor).", "",
-              "First-round topology set-up of the network accounting (centre + star paths), seconds:", "",
-              "| topology | " + " | ".join(f"N={n}" for n in sorted({t['n'] for t in topo_rows})) + " | fitted exponent (N >= 64) |",
+              "First-round topology set-up of the network accounting (centre + star paths), best of 3 fresh "
+              "set-ups, seconds:", "",
+              "| topology | " + " | ".join(f"N={n}" for n in sorted({t['n'] for t in topo_rows})) + " | fitted exponent (N >= 128; 2 = O(N^2)) |",
               "|---|" + "---:|" * (len({t['n'] for t in topo_rows}) + 1)]
     for kind in ("complete", "geometric"):
         rs = [t for t in topo_rows if t["topology"] == kind]
         lines.append(f"| {kind} | " + " | ".join(f"{t['first-round-s']:.4f}" for t in rs)
-                     + f" | {rs[0]['exponent-fit-n>=64']:.2f} |")
+                     + f" | {rs[0]['exponent-fit-n>=128']:.2f} |")
     lines += ["", "Plot: `aggregation.png`. Raw seconds per repetition: `aggregation.json`.", ""]
     return "\n".join(lines)
 

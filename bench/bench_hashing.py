@@ -75,10 +75,11 @@ def bench_case(name: str, arrays: dict[str, np.ndarray], repeats: int) -> dict:
     times = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm-up
-    for _ in range(repeats):
-        for k, f in fns.items():
+    order = list(fns)
+    for i in range(repeats):  # interleaved, the order rotated each time: no variant always follows another
+        for k in order[i % len(order):] + order[:i % len(order)]:
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     mb = len(raw) / 1e6
     best = {k: min(v) for k, v in times.items()}
@@ -115,7 +116,8 @@ def plot(rows: list[dict], path: str) -> None:
 def markdown(rows: list[dict], info: dict, repeats: int) -> str:
     lines = ["# Canonical hashing vs raw hashlib.sha256 (`bench/bench_hashing.py`)", "",
              machine_line(info) + f" 1-min load average at start: {info['load-average-1min']:.2f}.", "",
-             f"Best (and median) of {repeats} interleaved single calls; throughput in MB/s and as a ratio to raw "
+             f"Best (and median of per-repetition ratios) of {repeats} interleaved single calls, their order "
+             "rotated each repetition; throughput in MB/s and as a ratio to raw "
              "`hashlib.sha256` of the same tensor bytes pre-concatenated in one buffer.", "",
              "| input | tensors | MB | raw MB/s | server path MB/s | ratio (goal >= 0.95) | update_hash(views) ratio | "
              "deserialise + hash ratio |",
