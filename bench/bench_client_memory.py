@@ -115,6 +115,14 @@ def run_variant(name: str, variant: str, rounds: int, steps: int, checkpointing:
             "max-peak-mb": max(peaks), "peak-growth-mb": peaks[-1] - peaks[0], "meets-goal": max(peaks) <= GOAL_MB}
 
 
+def variant_of(spec: str) -> tuple[str, str, int]:
+    """``plain`` -> plain HF + peft; an integer -> the fedledger client with that activation-checkpointing."""
+    if spec == "plain":
+        return "plain HF + peft", "plain", 0
+    every = int(spec)
+    return ("fedledger client" + (f", activation-checkpointing={every}" if every else "")), "fedledger", every
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -137,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="plain,0,2,1",
+                    help="comma-separated: plain (HF + peft) and fedledger activation-checkpointing values")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
@@ -144,9 +154,7 @@ def main(argv=None):
         return None
     info = machine_info()
     info["load-average-1min"] = os.getloadavg()[0]
-    variants = [("plain HF + peft", "plain", 0), ("fedledger client", "fedledger", 0),
-                ("fedledger client, activation-checkpointing=2", "fedledger", 2),
-                ("fedledger client, activation-checkpointing=1", "fedledger", 1)]
+    variants = [variant_of(v.strip()) for v in args.variants.split(",") if v.strip()]
     rows = []
     for name, variant, every in variants:
         rows.append(run_variant(name, variant, args.rounds, args.steps, every))

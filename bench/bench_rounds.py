@@ -102,7 +102,7 @@ def run_variant(name: str, extra: dict, args) -> dict:
             ["perplexity"]}
 
 
-def plot(rows, path):
+def plot(rows, path, clients: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +117,7 @@ def plot(rows, path):
     ax.barh(range(len(values)), values)
     ax.axvline(10, color="k", ls=":", label="goal 10 %")
     ax.set(yticks=range(len(values)), yticklabels=labels, xlabel="server overhead / slowest client's training (%)",
-           title="Round overhead, SmolLM2, 4 clients")
+           title=f"Round overhead, SmolLM2, {clients} clients")
     ax.tick_params(axis="y", labelsize=6)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -129,14 +129,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--variants", default="whole,sample,overlap", help="comma-separated: whole, sample, overlap")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     info = machine_info()
     info["load-average-1min"] = os.getloadavg()[0]
-    variants = [("whole split every round (eval-sample=0)", {"eval-sample": 0}),
-                ("sample of 64 per round (eval-sample=64, default)", {"eval-sample": 64}),
-                ("sample of 64, overlapped (eval-overlap=true)", {"eval-sample": 64, "eval-overlap": True})]
+    known = {"whole": ("whole split every round (eval-sample=0)", {"eval-sample": 0}),
+             "sample": ("sample of 64 per round (eval-sample=64, default)", {"eval-sample": 64}),
+             "overlap": ("sample of 64, overlapped (eval-overlap=true)", {"eval-sample": 64, "eval-overlap": True})}
+    variants = [known[v.strip()] for v in args.variants.split(",") if v.strip()]
     rows = []
     for name, extra in variants:
         rows.append(run_variant(name, extra, args))
@@ -169,7 +171,7 @@ def main(argv=None):
     payload = {"rounds": args.rounds, "steps": args.steps, "clients": args.clients, "results": rows, "machine": info}
     if not args.no_write:
         write_results("rounds", payload, md)
-        plot(rows, os.path.join(HERE, "results", "rounds.png"))
+        plot(rows, os.path.join(HERE, "results", "rounds.png"), args.clients)
     print(md)
     return payload
 
