@@ -155,10 +155,15 @@ def main(argv=None):
     info = machine_info()
     info["load-average-1min"] = os.getloadavg()[0]
     variants = [variant_of(v.strip()) for v in args.variants.split(",") if v.strip()]
-    rows = []
+    rows, payload = [], None
     for name, variant, every in variants:
         rows.append(run_variant(name, variant, args.rounds, args.steps, every))
         print(name, [round(e["peak"]) for e in rows[-1]["rounds"]], flush=True)
+        payload = report(rows, info, args)  # written after every variant: a stopped run keeps what it measured
+    return payload
+
+
+def report(rows: list[dict], info: dict, args) -> dict:
     lines = ["# Client memory per round (`bench/bench_client_memory.py`)", "",
              machine_line(info) + f" 1-min load average at start: {info['load-average-1min']:.2f}.", "",
              f"SmolLM2-135M fp32 + LoRA r=8 (q/k/v/o), {args.rounds} rounds x {args.steps} local steps, batch 8 x <= 128 "

@@ -139,10 +139,15 @@ def main(argv=None):
              "sample": ("sample of 64 per round (eval-sample=64, default)", {"eval-sample": 64}),
              "overlap": ("sample of 64, overlapped (eval-overlap=true)", {"eval-sample": 64, "eval-overlap": True})}
     variants = [known[v.strip()] for v in args.variants.split(",") if v.strip()]
-    rows = []
+    rows, payload = [], None
     for name, extra in variants:
         rows.append(run_variant(name, extra, args))
         print(name, [round(r["overhead-ratio"], 3) for r in rows[-1]["rounds"]], flush=True)
+        payload = report(rows, info, args)  # written after every variant: a stopped run keeps what it measured
+    return payload
+
+
+def report(rows: list[dict], info: dict, args) -> dict:
     lines = ["# Round overhead at SmolLM2 scale (`bench/bench_rounds.py`)", "",
              machine_line(info) + f" 1-min load average at start: {info['load-average-1min']:.2f}.", "",
              f"Real ServerApp + ClientApp on the in-process grid (no Ray; nodes one after another on this 2-core "
