@@ -147,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--variants", default="plain,0,2,1",
                     help="comma-separated: plain (HF + peft) and fedledger activation-checkpointing values")
+    ap.add_argument("--out", default=None, help="folder for client_memory.json / .md / .png (default bench/results)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
@@ -183,8 +184,8 @@ def report(rows: list[dict], info: dict, args) -> dict:
     md = "\n".join(lines)
     payload = {"rounds": args.rounds, "steps": args.steps, "goal-mb": GOAL_MB, "results": rows, "machine": info}
     if not args.no_write:
-        write_results("client_memory", payload, md)
-        plot(rows, os.path.join(HERE, "results", "client_memory.png"))
+        jpath, _ = write_results("client_memory", payload, md, args.out)
+        plot(rows, os.path.join(os.path.dirname(jpath), "client_memory.png"))
     print(md)
     return payload
 
