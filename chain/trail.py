@@ -58,7 +58,7 @@ import numpy as np
 from fedledger.core.pipeline import RoundReport
 from fedledger.core.update import Identity, Rejected, Update
 
-from .hashing import HASH_FORMAT, bytes_hash, update_hash
+from .hashing import HASH_FORMAT, LayoutHasher, bytes_hash, update_hash
 from .journal import JOURNAL_FILE, Journal, describe, lost, send
 from .ledger import Ledger, LedgerError, Refused
 from .signing import Commitment, recover, simulation_account
@@ -149,6 +149,7 @@ class LedgerTrail:
         self._rounds: dict[int, dict] = {}
         self.journal = Journal(os.path.join(store.root, JOURNAL_FILE))
         self.resent: list[dict] = []                    # journal entries re-sent because the node lost them
+        self._hasher: tuple[object, LayoutHasher | None] = (None, None)   # (layout, its hasher)
         ledger.listeners.append(self._export)
 
     # ----------------------------------------------------------------- AuditTrail
@@ -178,7 +179,7 @@ class LedgerTrail:
             return None, None
         claimed, claimed_global, signature, signer = (str(audit.get(k, "")) for k in
                                                       ("update-hash", "global-hash", "signature", "signer"))
-        actual = update_hash(update.arrays)
+        actual = self._hash(update)
         if claimed.lower() != actual:
             return None, f"claimed update-hash {claimed[:12]}... is not the received arrays' hash {actual[:12]}..."
         sent = self._globals.get(server_round)
@@ -362,11 +363,26 @@ class LedgerTrail:
         if self._run_hash is None:
             raise RuntimeError("LedgerTrail.record before begin(); RoundPipeline.configure_train calls begin")
 
+    def _hash(self, update: Update) -> str:
+        """The canonical hash of an update. Arrays decoded against a layout (``Update.layout``) are
+        hashed straight from the received bytes with that layout's prefix hashed once per round."""
+        layout = update.layout
+        if layout is None:
+            return update_hash(update.arrays)
+        known, hasher = self._hasher
+        if known is not layout:
+            try:
+                hasher = LayoutHasher(layout.specs)
+            except ValueError:  # a big-endian layout: convert tensor by tensor
+                hasher = None
+            self._hasher = (layout, hasher)
+        return hasher.hexdigest(update.arrays) if hasher is not None else update_hash(update.arrays)
+
     def _recorded(self, server_round: int, update: Update) -> Recorded:
         identity = update.identity if update.identity is not None else Identity(update.node_id)
         verified = self._verified.get((server_round, update.node_id))
         if verified is None:  # accepted unsigned (require_audit_record=False)
-            return Recorded(None, identity, update.num_examples, update_hash(update.arrays))
+            return Recorded(None, identity, update.num_examples, self._hash(update))
         h, signer, signature = verified
         return Recorded(signer, identity, update.num_examples, h, signature)
 

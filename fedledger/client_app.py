@@ -65,6 +65,7 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
     data_attack = attack != "none" and _attacks().is_data_attack(attack)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0)) if "config" in msg.content else 0.0
 
+    train_lib.reset_peak_rss()  # peak-rss-mb is this round's peak, not the process's
     model_lib.set_adapter(task.model, global_adapter)
     examples = task.examples("partition", pid, poisoned=attack if data_attack else None)
     seed = int(np.random.SeedSequence([settings.run.seed, pid, server_round]).generate_state(1)[0])
@@ -82,6 +83,7 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
         "tokens-per-second": stats["tokens-per-second"],
         "peak-rss-mb": train_lib.peak_rss_mb(),
     }
+    train_lib.release_memory()  # what training freed goes back to the system before the next round
     return local, metrics
 
 

@@ -268,6 +268,9 @@ class ModelSettings(_Group):
     lora_dropout: float = setting("lora-dropout", 0.05, "dropout on the LoRA input", within(0, 1, "[)"))
     lora_targets: tuple[str, ...] = setting("lora-targets", ("q_proj", "k_proj", "v_proj", "o_proj"),
                                             "comma-separated module names that get an adapter", module_names)
+    activation_checkpointing: int = setting("activation-checkpointing", 0, "recompute every n-th decoder layer's "
+                                            "activations in the backward pass instead of keeping them (memory for "
+                                            "compute); 0 = off, 1 = every layer", at_least(0))
 
     def cache_dir(self) -> str | None:
         return os.path.expanduser(self.cache) if self.cache else None
@@ -293,6 +296,17 @@ class TrainSettings(_Group):
     local_steps: int = setting("local-steps", 4, "AdamW steps per round on each node", at_least(1))
     learning_rate: float = setting("learning-rate", 5e-4, "local AdamW learning rate", above(0))
     eval_batches: int = setting("eval-batches", 8, "batches of each evaluation", at_least(1))
+
+
+@dataclass(frozen=True)
+class EvalSettings(_Group):
+    """The server's central evaluation of the global adapter on the held-out split."""
+
+    sample: int = setting("eval-sample", 64, "held-out examples the server evaluates after each round (one fixed, "
+                          "seeded sample); the whole split is evaluated after the last round; 0 = the whole split "
+                          "every round", at_least(0))
+    overlap: bool = setting("eval-overlap", False, "evaluate each round in the background, beside the next round's "
+                            "training (the server is idle then); the last round is always waited for")
 
 
 @dataclass(frozen=True)
@@ -407,6 +421,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)

@@ -17,15 +17,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 
 from . import logs, progress
 
 logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at import time
 
+import numpy as np  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
@@ -84,7 +88,7 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     trail, ledger_info = audit_trail(settings, folder, ledger_run_id,   # a chain that is not there fails fast
                                      registry=resumed.registry if resumed is not None else None)
     task = get_task(settings, 1)  # the server needs the held-out and root splits only
-    evaluation = CentralEvaluation(task, settings.strategy.num_rounds)
+    evaluation = CentralEvaluation(task, settings)
     train_config = ConfigRecord({"local-steps": settings.train.local_steps})
     initial = to_record(task.initial_adapter)
     marks = progress.RoundMarks(settings.strategy.num_rounds) if progress.enabled() else None  # fedledger run's live line
@@ -94,8 +98,11 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     if settings.serverless:
         roster.refresh(grid)
         runner = build_relay(settings, len(nodes))
-        result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
-                            train_config=train_config, evaluate_fn=_marked(marks, evaluation.relay(runner)))
+        try:
+            result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
+                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.relay(runner)))
+        finally:
+            evaluation.close()
         final, rounds = result.arrays, relay_rounds(result, settings)
     else:
         max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
@@ -103,18 +110,23 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
                                                           "run-config": settings.to_run_config(),
                                                           "ledger-run-id": ledger_run_id})
         pipeline = build_pipeline(settings, len(nodes), identities=roster, trail=trail,
-                                  reference_fn=reference_fn(task, settings), max_examples=max_examples,
+                                  reference_fn=reference_fn(task, settings, evaluation), max_examples=max_examples,
                                   checkpoint=checkpoint)
         first_round = 1
         if resumed is not None:
             first_round, initial = resumed.restore(pipeline, evaluation)
-        result = pipeline.start(grid=grid, initial_arrays=initial, num_rounds=settings.strategy.num_rounds,
-                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.hub(pipeline)),
-                                first_round=first_round)
+        try:
+            result = pipeline.start(grid=grid, initial_arrays=initial, num_rounds=settings.strategy.num_rounds,
+                                    train_config=train_config, evaluate_fn=_marked(marks, evaluation.hub(pipeline)),
+                                    first_round=first_round)
+        finally:
+            evaluation.close()
         final, rounds = result.arrays, hub_rounds(pipeline, result, settings)
     wall = time.perf_counter() - start
     for rnd, central in evaluation.results.items():
         rounds.setdefault(rnd, {})["central"] = central
+    if evaluation.full is not None:
+        rounds.setdefault(settings.strategy.num_rounds, {})["central-full"] = evaluation.full
     write_run(folder, settings, ledger_run_id, nodes, roster, rounds, wall, final, task,
               ledger_info() if ledger_info else None)
     return folder
@@ -163,7 +175,8 @@ class Resumed:
         evaluation.results.update(self.state["extra"].get("central", {}))
         initial = to_record(self.state["global"])
         if self.round not in evaluation.results:   # the run stopped before it evaluated the checkpointed round
-            evaluation._evaluate(self.round, initial)
+            evaluation._evaluate(self.round, initial,
+                                 lambda result: logs.round_line(self.round, evaluation.num_rounds, {}, result))
         return self.round + 1, initial
 
 
@@ -215,53 +228,118 @@ def run_folder(settings: Settings, run_id: int) -> str:
     return new_run_folder(settings.run.run_dir, run_id)
 
 
-def reference_fn(task, settings: Settings):
-    """Server-side reference update on the root split (FLTrust-style trust anchor)."""
+def reference_fn(task, settings: Settings, evaluation: "CentralEvaluation"):
+    """Server-side reference update on the root split (FLTrust-style trust anchor). It waits for a
+    background evaluation that still uses the model."""
 
     def train_reference(server_round: int, global_arrays) -> dict:
-        model_lib.set_adapter(task.model, dict(global_arrays))
-        train_lib.train_steps(task.model, task.examples("root"), task.pad_id, settings.train.local_steps,
-                              settings.train.batch_size, settings.train.learning_rate,
-                              seed=settings.run.seed + server_round)
-        return model_lib.get_adapter(task.model)
+        with evaluation.model_in_use() as model:
+            model_lib.set_adapter(model, dict(global_arrays))
+            train_lib.train_steps(model, task.examples("root"), task.pad_id, settings.train.local_steps,
+                                  settings.train.batch_size, settings.train.learning_rate,
+                                  seed=settings.run.seed + server_round)
+            return model_lib.get_adapter(model)
 
     return train_reference
 
 
 class CentralEvaluation:
-    """The global adapter on the held-out split after every round, and the round's log line."""
+    """The global adapter on the held-out split after every round, and the round's log line.
 
-    def __init__(self, task, num_rounds: int):
-        self.task, self.num_rounds = task, num_rounds
+    Each round evaluates one fixed, seeded sample of ``eval-sample`` held-out examples (the same
+    examples every round, so rounds compare); after the last round the whole split is evaluated
+    too (``full``). With ``eval-overlap`` a round's evaluation runs on a background thread while
+    the next round trains (the server is idle then); whoever else needs the model (the trust
+    reference, the final save) waits for it through :meth:`model_in_use`.
+    """
+
+    def __init__(self, task, settings: Settings):
+        self.task, self.num_rounds = task, settings.strategy.num_rounds
+        self.full_split = task.examples("heldout")
+        self.sample = fixed_sample(self.full_split, settings.eval.sample, settings.run.seed)
+        self.overlap = settings.eval.overlap
         self.results: dict[int, dict] = {}
+        self.full: dict | None = None          # the whole split after the last round (when sampled)
+        self._lock = threading.Lock()          # the model: one user at a time
+        self._pending: concurrent.futures.Future | None = None
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedledger-eval") \
+            if self.overlap else None
 
-    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> dict:
+    @property
+    def sampled(self) -> bool:
+        return len(self.sample) < len(self.full_split)
+
+    @contextlib.contextmanager
+    def model_in_use(self):
+        """Hold the server's model (waits for a background evaluation that is using it)."""
+        with self._lock:
+            yield self.task.model
+
+    def wait(self) -> None:
+        """Finish a background evaluation (its error, if any, is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, line) -> dict:
         start = time.perf_counter()
-        result = self.task.evaluate(decode_global(arrays), "heldout", max_batches=None)
-        result["eval-seconds"] = time.perf_counter() - start
-        self.results[server_round] = result
+        adapter = decode_global(arrays)
+        with self.model_in_use():
+            result = self.task.evaluate_examples(adapter, self.sample)
+            result["eval-seconds"] = time.perf_counter() - start
+            self.results[server_round] = result
+            if server_round == self.num_rounds and self.sampled:
+                t = time.perf_counter()
+                self.full = self.task.evaluate_examples(adapter, self.full_split)
+                self.full["eval-seconds"] = time.perf_counter() - t
+        log.info("%s", line(result))
         return result
 
+    def _schedule(self, server_round: int, arrays: ArrayRecord, line) -> MetricRecord | None:
+        self.wait()  # one evaluation at a time, in round order
+        if self.overlap and server_round < self.num_rounds:
+            self._pending = self._worker.submit(self._evaluate, server_round, arrays, line)
+            return None
+        return MetricRecord(_scalars(self._evaluate(server_round, arrays, line)))
+
     def hub(self, pipeline):
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            result = self._evaluate(server_round, arrays)
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             report = pipeline.reports.get(server_round)
-            shown = report.to_dict() if report else {}
-            if report:  # the whole round as the user waited for it: train, aggregate, ledger, evaluation
-                shown["wall-seconds"] = time.perf_counter() - report.started
-            log.info("%s", logs.round_line(server_round, self.num_rounds, shown, result))
-            return MetricRecord(result)
+            entry = report.to_dict() if report else {}
+
+            def line(result: dict) -> str:
+                if report:  # the whole round as the user waited for it: train, aggregate, ledger, evaluation
+                    entry["wall-seconds"] = time.perf_counter() - report.started
+                return logs.round_line(server_round, self.num_rounds, entry, result)
+
+            return self._schedule(server_round, arrays, line)
 
         return evaluate_fn
 
     def relay(self, runner):
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            result = self._evaluate(server_round, arrays)
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             entry = next((h for h in reversed(runner.history) if h.get("round") == server_round), {})
-            log.info("%s", logs.round_line(server_round, self.num_rounds, entry, result))
-            return MetricRecord(result)
+            return self._schedule(server_round, arrays,
+                                  lambda result: logs.round_line(server_round, self.num_rounds, entry, result))
 
         return evaluate_fn
+
+
+def fixed_sample(examples: list, size: int, seed: int) -> list:
+    """``size`` examples drawn once (seeded, kept in split order); all of them for 0 or a larger size."""
+    if size <= 0 or size >= len(examples):
+        return list(examples)
+    rng = np.random.default_rng(seed + 1009)
+    return [examples[i] for i in sorted(rng.choice(len(examples), size=size, replace=False))]
+
+
+def _scalars(result: dict) -> dict:
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # ---------------------------------------------------------------------- results
@@ -328,9 +406,13 @@ def write_run(folder: str, settings: Settings, run_id: int, nodes: list[int], ro
     with open(os.path.join(folder, "metrics.json"), "w") as fh:
         json.dump(summary, fh, indent=2, default=str)
     first, last = rounds.get(0, {}).get("central"), rounds.get(settings.strategy.num_rounds, {}).get("central")
+    full = rounds.get(settings.strategy.num_rounds, {}).get("central-full")
     if first and last:
-        log.info("held-out perplexity %.2f -> %.2f over %s rounds (%.1f s)", first["perplexity"], last["perplexity"],
-                 settings.strategy.num_rounds, wall)
+        what = f"sample of {last['num-examples']}" if full else "held-out split"
+        log.info("held-out perplexity (%s) %.2f -> %.2f over %s rounds (%.1f s)%s", what, first["perplexity"],
+                 last["perplexity"], settings.strategy.num_rounds, wall,
+                 f"; whole held-out split ({full['num-examples']}) after the last round: {full['perplexity']:.2f}"
+                 if full else "")
     if not settings.serverless and not any(r.get("report", {}).get("aggregated") for r in rounds.values()):
         log.warning("no round aggregated any update: the global adapter never changed (see the rejected replies "
                     "in metrics.json)")

@@ -27,6 +27,7 @@ class Task:
         m, data, seed = settings.model, settings.data, settings.run.seed
         base, self.tokenizer = model_lib.load_model(m.name, m.cache_dir(), m.quantization, seed=seed)
         self.model = model_lib.add_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_targets, seed=seed)
+        model_lib.set_activation_checkpointing(self.model, m.activation_checkpointing)
         self.initial_adapter = model_lib.get_adapter(self.model)
         self.splits = data_lib.federated_splits(
             data.dataset, num_partitions, data.partitioner, seed,
@@ -60,8 +61,11 @@ class Task:
         return frozenset(r["category"] for r in self.splits["partitions"][partition_id])
 
     def evaluate(self, adapter, split: str = "heldout", max_batches: int | None = None) -> dict:
+        return self.evaluate_examples(adapter, self.examples(split), max_batches=max_batches)
+
+    def evaluate_examples(self, adapter, examples: list[dict], max_batches: int | None = None) -> dict:
+        """Loss and perplexity of ``adapter`` on tokenized ``examples`` (e.g. a fixed sample)."""
         model_lib.set_adapter(self.model, adapter)
-        examples = self.examples(split)
         return train_lib.evaluate(self.model, examples, self.pad_id, batch_size=16, max_batches=max_batches)
 
 

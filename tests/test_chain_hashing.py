@@ -126,3 +126,25 @@ def test_header_matches_json_for_any_names():
         items = hashing.canonical_arrays(arrays)
         ref = json.dumps([[n, "<f2", list(a.shape)] for n, a in items], separators=(",", ":"), ensure_ascii=True)
         assert hashing.header_bytes(items) == ref.encode()
+
+
+def test_layout_hasher_of_decoded_replies_gives_the_canonical_hash():
+    """The server hashes replies straight from the received bytes (views decoded against the
+    round's layout, header hashed once per layout): the same hash as update_hash."""
+    from flwr.app import Array
+
+    from fedledger.core import Layout
+    from fedledger.core.update import decode_arrayrecord, decode_global
+
+    from .replies import record
+
+    a = {**_adapter(), "empty": np.zeros((0, 3), np.float32), "half": np.arange(6, dtype=np.float16).reshape(2, 3)}
+    rec = record(a)
+    rec["scalar"] = Array(np.asarray(np.float32(2.5)))  # a 0-d tensor
+    views = decode_arrayrecord(rec, Layout.of(decode_global(rec)))
+    assert views["scalar"].shape == ()
+    hasher = hashing.LayoutHasher(Layout.of(views).specs)
+    assert hasher.hexdigest(views) == hashing.update_hash(views) == hashing.update_hash(
+        {**a, "scalar": np.asarray(np.float32(2.5))})
+    with pytest.raises(ValueError, match="little-endian"):
+        hashing.LayoutHasher({"x": ((2,), ">f4")})
