@@ -150,9 +150,11 @@ def test_the_wheel_runs_an_audited_simulation_from_an_empty_folder_without_the_c
     out = run(str(bin_dir / "fedledger"), "run", "--num-supernodes", "2", "--run-config",
               "model='tiny' num-rounds=1 local-steps=1 eval-batches=1 audit='eth-tester'", timeout=900)
     text = out.stdout + out.stderr
-    assert out.returncode == 0, text[-4000:]
+    # eth-tester: the chain lived in the ServerApp's process, so the audit checks the aggregator's own
+    # copy of the events, finds no problem and says it could not check them against a chain (exit 3)
+    assert out.returncode == 3, text[-4000:]
     assert "running the installed fedledger app" in text
-    assert "audit: OK, every record verified" in text, text[-4000:]
+    assert "audit: no problem found, but the events are the aggregator's own copy" in text, text[-4000:]
     report = re.search(r"fedledger: report (\S+report\.html)", text)
     assert report and os.path.exists(report.group(1)) and report.group(1).startswith(str(empty))
     assert "Recommended property" not in text and "configuration warning" not in text.lower()

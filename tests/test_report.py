@@ -67,7 +67,10 @@ def test_the_page_shows_every_figure_of_an_audited_attacked_run_in_a_real_browse
     report = build_report(audited_run)
     dom = rendered_dom(report.html)
     assert figures_in(dom) == HUB_FIGURES == set(report.figures)
-    assert verdict_in(dom)[0] == "passed", verdict_in(dom)
+    # an eth-tester chain dies with its process: the audit checks the aggregator's own copy of the
+    # events, finds no problem, and says it could not check them against a chain (never "passed")
+    verdict, text = verdict_in(dom)
+    assert verdict == "incomplete" and "aggregator's own copy" in text, (verdict, text)
     assert report.missing == []
     with open(os.path.join(audited_run, "metrics.json")) as fh:
         registry = json.load(fh)["ledger"]["registry-address"]
@@ -143,7 +146,7 @@ def test_a_crashed_run_renders_its_audit_and_says_metrics_are_missing(audited_ru
     assert out.returncode == 0, out
     assert out.stderr.strip().count("\n") == 0 and "missing: metrics.json" in out.stderr, out.stderr
     report = build_report(crashed)
-    assert report.figures == ["audit"] and report.verdict == "passed"
+    assert report.figures == ["audit"] and report.verdict == "incomplete"
 
 
 def test_a_run_with_a_round_missing_says_which(audited_run, tmp_path):
