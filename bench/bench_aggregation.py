@@ -259,6 +259,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tensors", type=int, default=TENSORS)
     ap.add_argument("--quick", action="store_true", help="N = 4, 8; 1M params; 3 repetitions")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
     args = ap.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr.supercore.task_identity import TaskIdentity
@@ -279,8 +280,8 @@ def main(argv=None) -> dict:
                "results": results, "topology-setup": topo_rows, "machine": info}
     md = markdown(results, topo_rows, info, args, thread_count())
     if not args.no_write:
-        write_results("aggregation", payload, md)
-        plot(results, os.path.join(HERE, "results", "aggregation.png"))
+        jpath, _ = write_results("aggregation", payload, md, args.out)
+        plot(results, os.path.join(os.path.dirname(jpath), "aggregation.png"))
     print(md)
     return payload
 

@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=41)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
     args = ap.parse_args(argv)
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -149,8 +150,8 @@ def main(argv=None) -> dict:
     payload = {"repeats": args.repeats, "results": rows, "machine": info}
     md = markdown(rows, info, args.repeats)
     if not args.no_write:
-        write_results("hashing", payload, md)
-        plot(rows, os.path.join(HERE, "results", "hashing.png"))
+        jpath, _ = write_results("hashing", payload, md, args.out)
+        plot(rows, os.path.join(os.path.dirname(jpath), "hashing.png"))
     print(md)
     return payload
 

@@ -131,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--variants", default="whole,sample,overlap", help="comma-separated: whole, sample, overlap")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
     args = ap.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     info = machine_info()
@@ -175,8 +176,8 @@ def report(rows: list[dict], info: dict, args) -> dict:
     md = "\n".join(lines)
     payload = {"rounds": args.rounds, "steps": args.steps, "clients": args.clients, "results": rows, "machine": info}
     if not args.no_write:
-        write_results("rounds", payload, md)
-        plot(rows, os.path.join(HERE, "results", "rounds.png"), args.clients)
+        jpath, _ = write_results("rounds", payload, md, args.out)
+        plot(rows, os.path.join(os.path.dirname(jpath), "rounds.png"), args.clients)
     print(md)
     return payload
 

@@ -93,6 +93,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--name", default=None, help="results name (default train_speed or train_speed_gpu)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
     args = ap.parse_args(argv)
     import torch
 
@@ -170,7 +171,7 @@ def main(argv=None) -> dict | None:
                   "tokens), in chunks, and never materialises the batch x length x 49,152 logits.", ""]
     md = "\n".join(lines)
     if not args.no_write:
-        write_results(args.name or ("train_speed_gpu" if args.device.startswith("cuda") else "train_speed"), payload, md)
+        write_results(args.name or ("train_speed_gpu" if args.device.startswith("cuda") else "train_speed"), payload, md, args.out)
     print(md)
     return payload
 
