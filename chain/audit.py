@@ -18,7 +18,16 @@ the rounds in order, one row per finding:
 - ``UNSIGNED``       an update accepted without a signed record (``require_audit_record=False``):
                      its bytes match the round document, but nobody signed it;
 - ``NOT-RECOMPUTED`` the aggregate's hash matches, but the rule cannot be replayed (a user's own
-                     class, custom callables) or its inputs are unavailable.
+                     class, custom callables) or its inputs are unavailable; or a server-side step
+                     the audit cannot re-run (KD-FedLLM's distillation into the global adapter,
+                     Split-FedLLM's server part: rows of kind ``server``).
+
+The run's record names its **framework** (``run.json`` ``framework``; absent: FedLLM, parameter
+sharing): in KD-FedLLM every client record is a signed logit reply and the aggregate is the
+soft labels (``core.softlabels``, replayed bit-exactly), and each round names the adapter the
+next one starts from (``next-global-hash``); in Split-FedLLM a client record is the client-side
+adapter plus the digest of the activations it sent (both signed; the digest must be the one the
+server recorded), the aggregate their FedAvg, and the server part is recorded by hash.
 
 The aggregate is recomputed with ``fedledger.core.replay.Replay`` (the same trust and
 aggregation code the round ran) from the stored global of each round, the recorded updates in
@@ -57,7 +66,9 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
 
 STATUSES = ("OK", *PROBLEMS, "REJECTED", *UNVERIFIED)
-KINDS = ("update", "rejected", "aggregate", "global", "document")
+KINDS = ("update", "rejected", "aggregate", "global", "document", "server")
+FRAMEWORKS = {"fedllm": "FedLLM (parameter sharing)", "kd-fedllm": "KD-FedLLM (knowledge distillation)",
+              "split-fedllm": "Split-FedLLM (split learning)"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class AuditReport:
     rule: str
     rows: tuple[Row, ...]
     seconds: float = 0.0
+    framework: str = "FedLLM (parameter sharing)"
 
     def _with(self, statuses) -> list[Row]:
         return [r for r in self.rows if r.status in statuses]
@@ -118,9 +130,11 @@ class AuditReport:
         if self.problems:
             return f"audit: {len(self.problems)} problem(s) found"
         gaps = []
-        if self.not_recomputed:
-            reasons = "; ".join(dict.fromkeys(r.detail for r in self.not_recomputed))
-            gaps.append(f"{len(self.not_recomputed)} aggregate(s) NOT RECOMPUTED ({reasons})")
+        for kind, what in (("aggregate", "aggregate(s)"), ("server", "server step(s)")):
+            rows = [r for r in self.not_recomputed if r.kind == kind]
+            if rows:
+                reasons = "; ".join(dict.fromkeys(r.detail for r in rows))
+                gaps.append(f"{len(rows)} {what} NOT RECOMPUTED ({reasons})")
         if self.unsigned:
             gaps.append(f"{len(self.unsigned)} update(s) UNSIGNED (accepted without a signed record)")
         if gaps:
@@ -132,14 +146,14 @@ class AuditReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "exit-code": self.exit_code, "verdict": self.verdict, "run-id": self.run_id,
                 "registry-address": self.registry, "chain-id": self.chain_id, "source": self.source,
-                "rule": self.rule, "seconds": round(self.seconds, 3),
+                "framework": self.framework, "rule": self.rule, "seconds": round(self.seconds, 3),
                 "records": sum(1 for r in self.rows if r.kind == "update"), "problems": len(self.problems),
                 "rejected": len(self.rejected), "not-recomputed": len(self.not_recomputed),
                 "unsigned": len(self.unsigned), "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        lines = [f"audit of run {self.run_id} ({self.rule}): registry {self.registry} on chain {self.chain_id} "
-                 f"({self.source})",
+        lines = [f"audit of run {self.run_id} ({self.framework}; {self.rule}): registry {self.registry} on chain "
+                 f"{self.chain_id} ({self.source})",
                  f"{'round':>5}  {'client':<42}  {'status':<14}  detail"]
         lines += [f"{r.round:>5}  {r.client:<42}  {r.status:<14}  {r.detail}" for r in self.rows]
         lines.append(self.verdict)
@@ -163,7 +177,18 @@ def audit_run(run_folder: str, rpc_url: str | None = None, registry_address: str
     rows = RunAudit(run, bytes_hash(run_bytes), store, replay, atol).rows(events)
     return AuditReport(run_id, ledger.address if ledger else run.get("registry-address", "?"),
                        ledger.chain_id if ledger else run.get("chain-id", 0), source, replay.rule, tuple(rows),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, framework_label(run))
+
+
+def framework_label(run: Mapping) -> str:
+    """Which framework the run's record says it used, in words."""
+    name = str(run.get("framework", "fedllm"))
+    label = FRAMEWORKS.get(name, name)
+    if name == "kd-fedllm":
+        return f"{label}, {'the server distils' if run.get('kd-variant') == 'server' else 'the clients distil'}"
+    if name == "split-fedllm":
+        return f"{label}, cut after block {run.get('split-layer')}"
+    return label
 
 
 def _read_run(store: ArtifactStore) -> tuple[bytes, dict]:
@@ -212,6 +237,8 @@ class RunAudit:
         self.expected_global: str | None = None   # hash the next round must start from (None: unknown)
         self.replay_lost: str | None = None       # why a stateful replay cannot go on
         self.run_hash_flagged = False
+        self.record_kind = {"kd-fedllm": "signed logit reply, ",
+                            "split-fedllm": "signed adapter + activations digest, "}.get(str(run.get("framework")), "")
 
     def rows(self, events: list[dict]) -> list[Row]:
         rounds = self._rounds(events)
@@ -256,8 +283,53 @@ class RunAudit:
         entries = self._updates(rnd, chain, doc, rows)
         if doc is not None:
             rows += [_rejected_row(rnd, r) for r in doc.get("rejected", [])]
+            rows += self._activation_rows(rnd, doc, entries)
         global_arrays = self._global(rnd, chain, doc, rows)
         rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
+        if doc is not None:
+            rows += self._server_rows(rnd, doc)
+        return rows
+
+    # ----------------------------------------------------------------- KD and split rounds
+    def _activation_rows(self, rnd: int, doc: dict, entries) -> list[Row]:
+        """Split: the activation digest each client signed is the one the server recorded receiving."""
+        recorded = doc.get("activations")
+        if recorded is None or not entries:
+            return []
+        rows = []
+        for key, node, arrays, _ in entries:
+            signed = bytes(np.asarray(arrays.get("activations-digest", []), dtype=np.uint8)).hex()
+            partition = key.removeprefix("partition-")
+            want = recorded.get(partition, {}).get("digest")
+            if signed != want:
+                rows.append(Row(rnd, key, "MISMATCH", f"the signed activations digest {signed[:12]}... is not the "
+                                                      f"digest round.json records for {key} ({str(want)[:12]}...)"))
+        return rows
+
+    def _server_rows(self, rnd: int, doc: dict) -> list[Row]:
+        """The server-side steps a KD or split round records by hash: checked against their files,
+        reported as not recomputed (the audit cannot re-train them)."""
+        rows = []
+        for name, key, what in (("next-global", "next-global-hash", "next global adapter"),
+                                ("server-part", "server-part-hash", "server part")):
+            if key not in doc:
+                continue
+            h, _ = _hash_file(self.store.artifact_path(rnd, name))
+            status = _file_status(h, doc[key], f"stored {what}", "round.json")
+            if status is not None:
+                rows.append(Row(rnd, name, *status, kind="server"))
+            elif name == "next-global" and doc.get("server-distilled"):
+                rows.append(Row(rnd, name, "NOT-RECOMPUTED", "the server distilled the soft labels into the next "
+                                                             "global adapter; the audit cannot re-train it", "server"))
+            elif name == "next-global" and doc[key] != doc.get("global-hash"):
+                rows.append(Row(rnd, name, "MISMATCH", "the next global adapter differs from this round's, but the "
+                                                       "round records no distillation", "server"))
+            elif name == "next-global":
+                rows.append(Row(rnd, name, "OK", "the next global adapter is this round's, unchanged", "server"))
+            else:
+                rows.append(Row(rnd, name, "NOT-RECOMPUTED", f"the server part trained on {doc.get('server-steps', '?')} "
+                                                             "activation messages that are not kept (they can be "
+                                                             "inverted); the audit cannot re-run it", "server"))
         return rows
 
     def _document(self, rnd: int, chain: _Round, rows: list[Row]) -> dict | None:
@@ -336,7 +408,7 @@ class RunAudit:
             signer = None
         if signer is None or signer.lower() != client.lower():
             return Row(rnd, client, "BAD-SIGNATURE", f"signature recovers to {signer}"), arrays
-        return Row(rnd, client, "OK", f"{listed['num-examples']} examples"), arrays
+        return Row(rnd, client, "OK", f"{self.record_kind}{listed['num-examples']} examples"), arrays
 
     def _global(self, rnd: int, chain: _Round, doc: dict | None, rows: list[Row]) -> dict | None:
         """The verified global adapter of the round (None when unknown); updates what the next round
@@ -355,7 +427,10 @@ class RunAudit:
             rows.append(Row(rnd, "global", "MISMATCH", f"round {rnd} started from {doc['global-hash'][:12]}..., not "
                                                         f"from round {rnd - 1}'s result {expected[:12]}...", "global"))
         agg = doc.get("aggregate-hash", ZERO_HASH)
-        self.expected_global = agg if agg != ZERO_HASH else doc["global-hash"]
+        if "next-global-hash" in doc:  # KD: the aggregate is soft labels; the round names its next adapter
+            self.expected_global = doc["next-global-hash"]
+        else:
+            self.expected_global = agg if agg != ZERO_HASH else doc["global-hash"]
         return arrays
 
     def _aggregate(self, rnd: int, chain: _Round, doc: dict | None, global_arrays, entries) -> Row:

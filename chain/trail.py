@@ -24,7 +24,9 @@ the round costs three transactions whatever the number of clients:
                    (every accepted update, in record order),
        "rejected": [{"node-id", "partition", "signer", "reason", "stage"}, ...],
        "trust":    the trust decision (TrustDecision.to_dict()) or null,
-       "aggregate-hash" (the zero hash when the round aggregated nothing), "aggregate-error"}
+       "aggregate-hash" (the zero hash when the round aggregated nothing), "aggregate-error",
+       ... the round's own fields (``RoundReport.record``; KD and split rounds add theirs:
+       "framework", the logit query, "next-global-hash", "server-part" ...)}
 
   then ONE ``commitAggregate(runId, round, aggregateHash, documentHash)`` transaction, with
   ``documentHash`` = SHA-256 of the file's bytes.
@@ -151,12 +153,22 @@ class LedgerTrail:
                     "global-hash": held["global-hash"], "updates": [r.to_dict() for r in held["updates"]],
                     "rejected": held["rejected"], "trust": report.trust, "aggregate-hash": agg_hash,
                     "aggregate-error": report.aggregate_error}
+        clash = sorted(set(document) & set(report.record))
+        if clash:
+            raise ValueError(f"round {server_round}: report.record keys {clash} collide with the round document")
+        document.update(report.record)
         doc_hash = self.store.write_round(server_round, document)
         self.ledger.commit_aggregate(self.run_id, server_round, agg_hash, doc_hash)
         self.document_hashes[server_round] = doc_hash
         del self._rounds[server_round]
         self._signers.pop(server_round, None)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != server_round}
+
+    def artifact(self, server_round: int, name: str, arrays: Mapping[str, np.ndarray]) -> str:
+        """Store one more tensor set of the round (``<round>/<name>.safetensors``) and return its
+        hash, for the round document to name (KD: the next global adapter; split: the server part)."""
+        self.store.save_arrays(self.store.artifact_path(server_round, name), arrays)
+        return update_hash(arrays)
 
     # ----------------------------------------------------------------- for the glue
     def info(self) -> dict:

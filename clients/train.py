@@ -70,10 +70,12 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max_batches: int | None = None) -> dict:
-    """Token-weighted mean loss over the answer tokens and its perplexity."""
+    """Token-weighted mean loss over the answer tokens, its perplexity, and top-1 next-token
+    accuracy on the same tokens (``accuracy``: the share of answer tokens whose most likely
+    prediction is the right one)."""
     model.eval()
     device = _device(model)
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, correct = 0.0, 0, 0
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch_examples in batches[: max_batches or len(batches)]:
         batch = _to(collate(batch_examples, pad_id), device)
@@ -81,6 +83,33 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
         total_loss += float(loss)
-        total_tokens += int((labels != -100).sum())
+        answer = labels != -100
+        total_tokens += int(answer.sum())
+        correct += int(((logits.argmax(-1) == labels) & answer).sum())
     mean = total_loss / max(total_tokens, 1)
-    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "num-examples": sum(len(b) for b in batches[: max_batches or len(batches)])}
+    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(total_tokens, 1),
+            "num-examples": sum(len(b) for b in batches[: max_batches or len(batches)])}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, tasks: list[dict], max_new_tokens: int = 8, batch_size: int = 32) -> float:
+    """Share of ``tasks`` whose greedy answer, stripped, is exactly the expected response."""
+    if not tasks:
+        return float("nan")
+    model.eval()
+    device = _device(model)
+    hits, side = 0, tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+    try:
+        for i in range(0, len(tasks), batch_size):
+            chunk = tasks[i:i + batch_size]
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t["prompt"]}], tokenize=False,
+                                                     add_generation_prompt=True) for t in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits += sum(a.strip() == t["response"] for a, t in zip(answers, chunk))
+    finally:
+        tokenizer.padding_side = side
+    return hits / len(tasks)

@@ -34,7 +34,8 @@ from fedledger.core.pipeline import to_record  # noqa: E402
 from fedledger.core.update import decode_global  # noqa: E402
 from fedledger.strategies.detection import detection_metrics  # noqa: E402
 
-from .config import ConfigError, Settings  # noqa: E402
+from .config import FRAMEWORK_STRATEGIES, ConfigError, Settings  # noqa: E402
+from .frameworks import build_runner, preflight  # noqa: E402
 from .identity import Roster  # noqa: E402
 from .strategy_factory import build_pipeline, build_relay  # noqa: E402
 from .task import get_task  # noqa: E402
@@ -65,6 +66,7 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     settings = Settings.from_run_config(context.run_config)
     nodes = connected_nodes(grid, settle=settle)
     settings.check_nodes(len(nodes))
+    preflight(settings, len(nodes))  # what needs the model's config or the data, before any weights load
     folder = run_folder(settings, context.run_id)
     log.info("run folder %s", folder)
     roster = Roster(context.run_id, len(nodes), signing=settings.audit.ledger != "none",
@@ -75,14 +77,20 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     train_config = ConfigRecord({"local-steps": settings.train.local_steps})
     initial = to_record(task.initial_adapter)
     start = time.perf_counter()
+    max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
     if settings.serverless:
         roster.refresh(grid)
         runner = build_relay(settings, len(nodes))
         result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
                             train_config=train_config, evaluate_fn=evaluation.relay(runner))
         final, rounds = result.arrays, relay_rounds(result, settings)
+    elif settings.strategy.name in FRAMEWORK_STRATEGIES:  # KD-FedLLM, Split-FedLLM: their own round runners
+        roster.refresh(grid)
+        runner = build_runner(settings, task, len(nodes), identities=roster, trail=trail, max_examples=max_examples)
+        result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
+                            train_config=train_config, evaluate_fn=evaluation.framework(runner))
+        final, rounds = result.arrays, framework_rounds(result)
     else:
-        max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
         pipeline = build_pipeline(settings, len(nodes), identities=roster, trail=trail,
                                   reference_fn=reference_fn(task, settings), max_examples=max_examples)
         result = pipeline.start(grid=grid, initial_arrays=initial, num_rounds=settings.strategy.num_rounds,
@@ -176,6 +184,22 @@ class CentralEvaluation:
 
         return evaluate_fn
 
+    def framework(self, runner):
+        """KD / split: the global adapter, or (KD with client-side distillation) the mean of what
+        the clients measured on their own adapters (``arrays`` None)."""
+        def evaluate_fn(server_round: int, arrays: ArrayRecord | None) -> MetricRecord:
+            if arrays is not None:
+                result = self._evaluate(server_round, arrays)
+            else:
+                entry = next((h for h in reversed(runner.history) if h.get("round") == server_round), {})
+                result = {**entry.get("client-eval", {}).get("mean", {}), "source": "mean of the clients' own models"}
+                self.results[server_round] = result
+            report = runner.reports.get(server_round)
+            log.info("%s", logs.round_line(server_round, self.num_rounds, report.to_dict() if report else {}, result))
+            return MetricRecord({k: v for k, v in result.items() if isinstance(v, (int, float))})
+
+        return evaluate_fn
+
     def relay(self, runner):
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             result = self._evaluate(server_round, arrays)
@@ -198,7 +222,8 @@ def hub_rounds(pipeline, result, settings: Settings) -> dict[int, dict]:
     for rnd, report in sorted(pipeline.reports.items()):
         d = report.to_dict()
         entry = {"report": d, "traffic": {"bytes-sent": report.bytes_sent, "bytes-received": report.bytes_received,
-                                          "messages-sent": report.sent}}
+                                          "messages-sent": report.sent},
+                 "clients": hub_clients(report), "server-seconds": float(sum(report.seconds.values()))}
         if "exchange" in d:
             entry["exchange"] = d["exchange"]
         if report.trust is not None:
@@ -218,6 +243,33 @@ def hub_rounds(pipeline, result, settings: Settings) -> dict[int, dict]:
     return rounds
 
 
+def framework_rounds(result) -> dict[int, dict]:
+    """KD / split rounds for metrics.json: the report, the accounting entry, per-client work."""
+    rounds: dict[int, dict] = {}
+    for entry in result.history:
+        rnd = int(entry["round"])
+        report = result.reports[rnd]
+        rounds[rnd] = {"report": report.to_dict(), "exchange": entry, "clients": entry["clients"],
+                       "server-seconds": entry["server-seconds"],
+                       "traffic": {"bytes-sent": report.bytes_sent, "bytes-received": report.bytes_received},
+                       "train": _jsonable(report.metrics)}
+        if report.trust is not None:
+            rounds[rnd]["trust"] = report.trust
+    return rounds
+
+
+def hub_clients(report) -> dict[str, dict]:
+    """Per-client work of a hub round, in the fields the KD and split runners report."""
+    out = {}
+    for k in report.kept:
+        m, node = k.get("metrics", {}), k["node-id"]
+        out[str(k["partition"] if k.get("partition") is not None else f"node-{node}")] = {
+            "bytes-up": int(report.up_bytes.get(node, 0)), "bytes-down": int(report.down_bytes.get(node, 0)),
+            "round-trips": 1, "compute-seconds": float(m.get("compute-seconds", 0.0)),
+            "flops": float(m.get("flops", 0.0)), "peak-rss-mb": float(m.get("peak-rss-mb", 0.0))}
+    return out
+
+
 def relay_rounds(result, settings: Settings) -> dict[int, dict]:
     rounds: dict[int, dict] = {}
     for entry in result.history:
@@ -234,12 +286,15 @@ def relay_rounds(result, settings: Settings) -> dict[int, dict]:
 
 def write_run(folder: str, settings: Settings, run_id: int, nodes: list[int], roster: Roster, rounds: dict,
               wall: float, final: ArrayRecord | None, task, ledger: dict | None) -> None:
-    final_arrays = decode_global(final) if final is not None else task.initial_adapter
-    model_lib.set_adapter(task.model, dict(final_arrays))
-    task.model.save_pretrained(os.path.join(folder, "adapter"))
+    if final is not None:
+        model_lib.set_adapter(task.model, dict(decode_global(final)))
+        task.model.save_pretrained(os.path.join(folder, "adapter"))
+    else:
+        log.info("no global adapter to save: with kd-variant='client' every client keeps its own")
     summary = {
         "run-id": run_id,
         "settings": settings.to_run_config(),
+        "framework": settings.framework,
         "num-nodes": len(nodes),
         "identities": roster.to_dict(),
         "malicious": list(settings.attack.malicious),
