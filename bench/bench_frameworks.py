@@ -59,7 +59,8 @@ def base_config(args, seed: int) -> dict:
     return {"model": args.model, "num-rounds": args.rounds, "local-steps": args.local_steps,
             "learning-rate": args.learning_rate, "batch-size": args.batch_size, "max-length": args.max_length,
             "seed": seed, "kd-public-size": args.public_size, "kd-public-batch": args.public_batch,
-            "kd-distil-steps": args.distil_steps, "task-train-size": args.task_train, "task-eval-size": args.task_eval}
+            "kd-distil-steps": args.distil_steps, "task-train-size": args.task_train, "task-eval-size": args.task_eval,
+            "heldout-fraction": args.heldout_fraction}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -94,9 +95,9 @@ def summarise_run(m: dict, wall: float) -> dict:
     def mean(key):
         return sum(c[key] for c in per_client) / max(1, len(per_client))
 
-    return {"perplexity": {r: central[r].get("perplexity") for r in rounds},
-            "accuracy": {r: central[r].get("accuracy") for r in rounds},
-            "exact-match": {r: central[r].get("exact-match") for r in rounds},
+    return {"perplexity": {str(r): central[r].get("perplexity") for r in rounds},
+            "accuracy": {str(r): central[r].get("accuracy") for r in rounds},
+            "exact-match": {str(r): central[r].get("exact-match") for r in rounds},
             "bytes-up": mean("bytes-up"), "bytes-down": mean("bytes-down"), "round-trips": mean("round-trips"),
             "client-seconds": mean("compute-seconds"), "client-flops": mean("flops"),
             "server-seconds": sum(m["rounds"][str(r)].get("server-seconds", 0.0) for r in trained) / max(1, len(trained)),
@@ -228,7 +229,7 @@ def report(payload: dict) -> str:
 
 Model {args['model']}, {args['clients']} clients (chatterbot-corpus by category + {args['task_train']} generated tasks in the
 private data), {args['rounds']} rounds x {args['local_steps']} local steps (batch {args['batch_size']}, lr {args['learning_rate']},
-max length {args['max_length']}); {args['public_size']} records set aside as the public set in every mode (KD names
+max length {args['max_length']}, held-out fraction {args['heldout_fraction']}); {args['public_size']} records set aside as the public set in every mode (KD names
 {args['public_batch']} of them per round and distils {args['distil_steps']} steps); seeds {', '.join(seeds)} (mean ± sd).
 
 ## Accuracy (held-out split; exact match on {args['task_eval']} held-out tasks)
@@ -292,16 +293,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=3)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--heldout-fraction", type=float, default=0.05)
     ap.add_argument("--public-size", type=int, default=64)
-    ap.add_argument("--public-batch", type=int, default=32)
-    ap.add_argument("--distil-steps", type=int, default=4)
+    ap.add_argument("--public-batch", type=int, default=16)
+    ap.add_argument("--distil-steps", type=int, default=3)
     ap.add_argument("--task-train", type=int, default=160)
-    ap.add_argument("--task-eval", type=int, default=24)
+    ap.add_argument("--task-eval", type=int, default=16)
     ap.add_argument("--seeds", default="42,1,2")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 round x 1 step, 3 rows (timing)")
@@ -329,7 +331,7 @@ def main() -> None:
         with open(path) as fh:
             old = json.load(fh)
         same = [k for k in ("model", "clients", "rounds", "local_steps", "learning_rate", "batch_size", "max_length",
-                            "public_size", "public_batch", "distil_steps", "task_train", "task_eval")
+                            "public_size", "public_batch", "distil_steps", "task_train", "task_eval", "heldout_fraction")
                 if old["args"].get(k) != getattr(args, k)]
         if same:
             raise SystemExit(f"{path} was run with other settings ({same}); not resuming")
