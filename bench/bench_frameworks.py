@@ -336,6 +336,7 @@ def main() -> None:
         if same:
             raise SystemExit(f"{path} was run with other settings ({same}); not resuming")
         payload.update({"results": old["results"], "rss": old.get("rss", {}), "wall": old.get("wall", 0.0)})
+    payload["machine"] = machine_info()  # this invocation's machine and commit (a resumed grid names its own)
     for kind in sorted(set(rss_kinds(rows).values()) - set(payload["rss"])):
         payload["rss"][kind] = round(measure_rss(kind, args), 1)
         print(f"peak RSS {kind}: {payload['rss'][kind]} MB", flush=True)
@@ -358,7 +359,6 @@ def main() -> None:
 
 
 def save(payload: dict, args) -> None:
-    payload["machine"] = machine_info()
     md = report(payload)
     write_results(args.out, payload, md)
     try:

@@ -186,21 +186,35 @@ def federated_splits(dataset: str, num_partitions: int, scheme: str, seed: int, 
     if public_file:
         public = load_public_file(public_file)
     else:
-        train, public = split_public(train, public_size, seed + 2)
+        train, public = split_public(train, public_size, seed + 2, exclude=heldout)
     tasks, task_train = task_split(task_eval_size, task_train_size, seed + 3)
     return {"partitions": partition(train + task_train, num_partitions, scheme, seed, alpha), "heldout": heldout,
             "root": root, "public": public, "tasks": tasks}
 
 
-def split_public(records: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(the rest, ``size`` records drawn with the seed): the public set, taken before partitioning."""
+def split_public(records: list[dict], size: int, seed: int, exclude: list[dict] = ()
+                 ) -> tuple[list[dict], list[dict]]:
+    """(the rest, ``size`` records drawn with the seed): the public set, taken before partitioning.
+
+    The corpus repeats some (prompt, response) pairs; only pairs that occur once in ``records``
+    and never in ``exclude`` (the held-out split) are drawn, so no client holds a public record
+    privately and no public record is evaluation data."""
     if size <= 0:
         return records, []
-    if size >= len(records):
-        raise DataError(f"kd-public-size={size} leaves no private training data ({len(records)} records); "
-                        "lower kd-public-size")
-    chosen = set(np.random.default_rng(seed).choice(len(records), size=size, replace=False).tolist())
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        counts[_pair(r)] += 1
+    banned = {_pair(r) for r in exclude}
+    candidates = [i for i, r in enumerate(records) if counts[_pair(r)] == 1 and _pair(r) not in banned]
+    if size >= len(candidates):
+        raise DataError(f"kd-public-size={size} leaves no private training data ({len(candidates)} records could "
+                        "be public); lower kd-public-size")
+    chosen = set(np.random.default_rng(seed).choice(candidates, size=size, replace=False).tolist())
     return [r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen]
+
+
+def _pair(record: dict) -> tuple[str, str]:
+    return record["prompt"].strip(), record["response"].strip()
 
 
 def load_public_file(path: str) -> list[dict]:
@@ -225,8 +239,8 @@ def load_public_file(path: str) -> list[dict]:
 
 def overlap(records: list[dict], others: list[dict]) -> int:
     """How many of ``records`` are (prompt, response) pairs of ``others``."""
-    pairs = {(r["prompt"].strip(), r["response"].strip()) for r in others}
-    return sum((r["prompt"].strip(), r["response"].strip()) in pairs for r in records)
+    pairs = {_pair(r) for r in others}
+    return sum(_pair(r) in pairs for r in records)
 
 
 # ----------------------------------------------------------------------------- formatting

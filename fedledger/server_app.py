@@ -1,13 +1,18 @@
 """fedledger ServerApp: typed settings, one identity per node, the round pipeline, the run folder.
 
-    settings (validated once, before any model loads) -> the nodes and who they are (Roster)
+    settings (validated once, before any model loads; what needs the model's config or the
+    data: fedledger.frameworks.preflight) -> the nodes and who they are (Roster)
     -> [the ledger trail] -> hub: RoundPipeline(Flower strategy, trust, trail, accounting)
                              serverless: a relay runner (ring / gossip / async gossip)
+                             kd / split: a framework runner (KD-FedLLM, Split-FedLLM)
     -> central evaluation each round (one log line per round) -> the run folder:
 
     <run-dir>/<time>-run<id>/
-        metrics.json     settings, identities, per-round reports (kept / rejected with reasons /
-                         distrusted, bytes, seconds, trust, exchange), central evaluation, detection
+        metrics.json     settings, framework, identities, per-round reports (kept / rejected with
+                         reasons / distrusted, bytes, seconds, trust, exchange), per-client work
+                         (``clients``: bytes up/down, round trips, compute seconds, FLOPs, peak
+                         RSS) and ``server-seconds``, central evaluation (loss, perplexity,
+                         accuracy, exact match), detection
         adapter/         final global adapter (peft format: adapter_config.json + adapter_model.safetensors)
         audit/           (audited runs) the ledger's artifacts: see fedledger.chain.store
 """

@@ -190,12 +190,15 @@ class FrameworkRunner:
         peers = _checked_peers(peers)
         if int(num_rounds) < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-        if self.topology.nodes != sorted(peers):
-            raise topo_lib.TopologyError(f"topology has peers {self.topology.nodes[:10]} but the run has partitions "
+        topology = self.topology
+        if not set(peers) <= set(topology.nodes):
+            raise topo_lib.TopologyError(f"topology has peers {topology.nodes[:10]} but the run has partitions "
                                          f"{sorted(peers)[:10]}")
+        if set(peers) != set(topology.nodes):  # a node that never proved who it is takes no part
+            topology = topology.subgraph(sorted(peers))
         nbytes = sum(a.numpy().nbytes for a in initial_arrays.values())
         run = RunContext(relay=Relay(grid, peers, "train", self.timeout, owner=type(self).__name__),
-                         topology=self.topology, server=self.topology.centre(nbytes), initial=initial_arrays,
+                         topology=topology, server=topology.centre(nbytes), initial=initial_arrays,
                          train_config=train_config if train_config is not None else ConfigRecord(),
                          peers=tuple(sorted(peers)))
         log.info("%s: %s over %s clients", type(self).__name__, self.framework, len(peers))
