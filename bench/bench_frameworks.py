@@ -219,7 +219,7 @@ def report(payload: dict) -> str:
                for row in rows]
     cost = [f"| {row} | {fmt(col(row, 'bytes-up'), '.3f', 1e-6)} | {fmt(col(row, 'bytes-down'), '.3f', 1e-6)} | "
             f"{fmt(col(row, 'round-trips'), '.1f')} | {fmt(col(row, 'client-seconds'), '.1f')} | "
-            f"{fmt(col(row, 'client-flops'), '.2f', 1e-12)} | {rss.get(rss_kinds([row])[row], '-')} | "
+            f"{fmt(col(row, 'client-flops'), '.2f', 1e-12)} | {_rss(rss.get(rss_kinds([row])[row]))} | "
             f"{fmt(col(row, 'server-seconds'), '.1f')} | {fmt(col(row, 'sim-network-seconds'), '.3f')} |" for row in rows]
     status = "complete" if payload.get("complete") else \
         f"**partial**: {sum(len(results[r]) for r in rows)} of {len(ROWS) * len(args['seeds'].split(','))} runs done"
@@ -251,6 +251,13 @@ centre peer).
 | row | MB up | MB down | round trips | client s | client TFLOPs | client peak RSS MB | server s | sim. network s |
 |---|---|---|---|---|---|---|---|---|
 """ + "\n".join(cost) + "\n"
+
+
+def _rss(values) -> str:
+    if values is None:
+        return "-"
+    values = values if isinstance(values, list) else [values]
+    return fmt(values, ".0f") + (f" (n={len(values)})" if len(values) > 1 else "")
 
 
 def plot(payload: dict, path: str) -> None:
@@ -309,6 +316,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 round x 1 step, 3 rows (timing)")
     ap.add_argument("--resume", action="store_true", help="go on from the results file of the same settings")
     ap.add_argument("--out", default=NAME, help="results name in bench/results (default: frameworks)")
+    ap.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per kind of client (peak RSS is noisy)")
+    ap.add_argument("--rss-only", action="store_true", help="(re)measure the peak RSS into the results file and stop")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -325,7 +334,8 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     path = os.path.join(os.path.dirname(__file__), "results", f"{args.out}.json")
-    payload = {"args": {k: v for k, v in vars(args).items() if k != "rss_child"}, "results": {}, "rss": {},
+    payload = {"args": {k: v for k, v in vars(args).items() if k not in ("rss_child", "rss_only")}, "results": {},
+               "rss": {},
                "complete": False, "wall": 0.0}
     if args.resume and os.path.exists(path):
         with open(path) as fh:
@@ -337,9 +347,16 @@ def main() -> None:
             raise SystemExit(f"{path} was run with other settings ({same}); not resuming")
         payload.update({"results": old["results"], "rss": old.get("rss", {}), "wall": old.get("wall", 0.0)})
     payload["machine"] = machine_info()  # this invocation's machine and commit (a resumed grid names its own)
-    for kind in sorted(set(rss_kinds(rows).values()) - set(payload["rss"])):
-        payload["rss"][kind] = round(measure_rss(kind, args), 1)
-        print(f"peak RSS {kind}: {payload['rss'][kind]} MB", flush=True)
+    for kind in sorted(set(rss_kinds(rows).values())):
+        have = payload["rss"].get(kind)
+        have = list(have) if isinstance(have, list) else []  # an older file kept one number: measure again
+        while len(have) < args.rss_repeats:
+            have.append(round(measure_rss(kind, args), 1))
+        payload["rss"][kind] = have
+        print(f"peak RSS {kind}: {have} MB", flush=True)
+    if args.rss_only:
+        save(payload, args)
+        return
     for seed in seeds:
         for row in rows:
             if str(seed) in payload["results"].get(row, {}):

@@ -24,7 +24,6 @@ two forwards and one backward of its k blocks per step (:func:`client_flops`).
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import torch
@@ -199,12 +198,6 @@ def load_adamw(params, names, state: dict, lr: float) -> torch.optim.AdamW:
                                   "exp_avg": torch.as_tensor(np.array(state[f"{name}::exp_avg"])),
                                   "exp_avg_sq": torch.as_tensor(np.array(state[f"{name}::exp_avg_sq"]))}
     return optimizer
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 __all__ = ["SplitError", "SplitModel", "SplitServer", "activations", "adamw_state", "backward_step", "client_flops",

@@ -55,7 +55,7 @@ def _own_adapter(context: Context) -> dict[str, np.ndarray]:
     return decode_global(context.state[ADAPTER_KEY])
 
 
-def _costs(task, start: float, flops: float) -> dict:
+def _costs(start: float, flops: float) -> dict:
     return {"compute-seconds": time.perf_counter() - start, "flops": float(flops), "peak-rss-mb": train_lib.peak_rss_mb()}
 
 
@@ -80,7 +80,7 @@ def handle_logits(msg: Message, context: Context, sign) -> Message:
     arrays = {softlabels.VALUES: values, softlabels.IDS: top_ids, softlabels.PUBLIC_IDS: ids}
     seq = tokens / max(1, len(examples))
     metrics = {"num-examples": len(task.splits["partitions"][pid]),
-               **_costs(task, start, task.cost.forward(tokens, int(round(seq))))}
+               **_costs(start, task.cost.forward(tokens, int(round(seq))))}
     content = RecordDict({"logits": to_record(arrays), "metrics": MetricRecord(metrics)})
     audit = sign(context, arrays, int(cfg.get("server-round", 0)))
     if audit is not None:
@@ -99,7 +99,7 @@ def handle_distil(msg: Message, context: Context) -> Message:
                                              task.vocab_size)
     except (BoundaryError, KeyError) as exc:
         log.warning("node %s: soft labels not used: %s", context.node_id, exc)
-        return Message(RecordDict({"metrics": MetricRecord({"rejected": 1, **_costs(task, start, 0.0)})}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord({"rejected": 1, **_costs(start, 0.0)})}), reply_to=msg)
     model_lib.set_adapter(task.model, _own_adapter(context))
     seed = int(np.random.SeedSequence([settings.run.seed, pid, int(cfg.get("server-round", 0)), 0xD1]).generate_state(1)[0])
     t = settings.train
@@ -109,7 +109,7 @@ def handle_distil(msg: Message, context: Context) -> Message:
     context.state[ADAPTER_KEY] = to_record(model_lib.get_adapter(task.model))
     seq = stats["distil-tokens"] / max(1, settings.kd.distil_steps * min(t.batch_size, len(examples)))
     metrics = {"rejected": 0, "distil-loss": stats["distil-loss"],
-               **_costs(task, start, task.cost.train(stats["distil-tokens"], int(round(seq))))}
+               **_costs(start, task.cost.train(stats["distil-tokens"], int(round(seq))))}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
