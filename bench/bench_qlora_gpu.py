@@ -9,6 +9,7 @@ Throughput does not depend on weight values; loss values do, so only tokens/s an
 reported in that case.
 
     python bench/bench_qlora_gpu.py --random-from .gpu --steps 30 --out bench/results/qlora_gpu
+    python bench/bench_qlora_gpu.py --model tiny --device cpu --steps 1 --warmup 1 --out /tmp/qlora   # smoke run
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--out", default="bench/results/qlora_gpu")
+    p.add_argument("--device", default="cuda", help="cuda (what this bench measures) or cpu (a smoke run)")
     args = p.parse_args()
 
     import torch
@@ -47,11 +49,13 @@ def main() -> None:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(path)
         AutoTokenizer.from_pretrained(args.random_from).save_pretrained(path)
+    cuda = args.device == "cuda"
     rows = []
     for quant in ("none", "4bit", "8bit"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        model, tok = model_lib.load_model(path, quantization=quant, device="cuda")
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model, tok = model_lib.load_model(path, quantization=quant, device=args.device)
         model = model_lib.add_lora(model, r=8, alpha=16, dropout=0.05)
         examples = data_lib.tokenize(data_lib.load_corpus("chatterbot")[:2000], tok, args.max_length)
         train_lib.train_steps(model, examples, tok.pad_token_id, args.warmup, args.batch_size, 5e-4, seed=0)
@@ -61,22 +65,24 @@ def main() -> None:
         eval_s = time.perf_counter() - t
         row = {"quantization": quant, "train-tokens-per-second": stats["tokens-per-second"],
                "seconds-per-step": stats["train-seconds"] / args.steps, "eval-seconds-256-examples": eval_s,
-               "peak-gpu-mb": torch.cuda.max_memory_allocated() / 2**20, "train-loss": stats["train-loss"],
+               "peak-gpu-mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "train-loss": stats["train-loss"],
                "eval-loss": ev["eval-loss"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "weights": "real" if args.model else "random (SmolLM2-135M architecture)",
+    info = {"gpu": torch.cuda.get_device_name(0) if cuda else "no GPU (CPU smoke run)", "torch": torch.__version__,
+            "model": args.model or "SmolLM2-135M", "weights": "the model's own" if args.model else "random (SmolLM2-135M architecture)",
             "steps": args.steps, "batch-size": args.batch_size, "max-length": args.max_length}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as fh:
         json.dump({"info": info, "rows": rows}, fh, indent=2)
     md = [f"# LoRA / QLoRA throughput on {info['gpu']}", "",
-          f"SmolLM2-135M ({info['weights']} weights), LoRA r=8 on q/k/v/o, batch {args.batch_size}, max {args.max_length} tokens, "
+          f"{info['model']} ({info['weights']} weights), LoRA r=8 on q/k/v/o, batch {args.batch_size}, max {args.max_length} tokens, "
           f"{args.steps} timed steps after {args.warmup} warm-up; torch {info['torch']}.", "",
           "| quantization | train tokens/s | s/step | peak GPU MiB |", "|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['quantization']} | {r['train-tokens-per-second']:.0f} | {r['seconds-per-step']:.3f} | {r['peak-gpu-mb']:.0f} |")
+        peak = "-" if r["peak-gpu-mb"] is None else f"{r['peak-gpu-mb']:.0f}"
+        md.append(f"| {r['quantization']} | {r['train-tokens-per-second']:.0f} | {r['seconds-per-step']:.3f} | {peak} |")
     with open(args.out + ".md", "w") as fh:
         fh.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -4,22 +4,26 @@ SmolLM2-135M-Instruct on chatterbot-corpus, clients split by category (natural n
 Same total optimizer steps in every mode:
 - base:        the model before fine-tuning;
 - federated:   FedAvg over LoRA adapters, R rounds x K local steps on each of N clients, driven through
-               the real ClientApp + strategy stack (in-process grid; same code as `flwr run`);
+               the real ClientApp and the ServerApp's hub round (``build_pipeline``: RoundPipeline
+               around FedAvg) over an in-process grid (same code as `flwr run`);
 - centralised: one LoRA trained on all client data pooled, N x R x K steps;
 - local-only:  each client trains alone for R x K steps; mean (and worst) held-out perplexity.
 
-    python bench/bench_quality.py [--model smollm2] [--clients 4] [--rounds 3] [--local-steps 6]
+    python bench/bench_quality.py [--model smollm2] [--clients 4] [--rounds 3] [--local-steps 6] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 
 import numpy as np
 
-from common import machine_info, machine_line, write_results
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import GridPartitions, machine_info, machine_line, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +37,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches of 16 (None = all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--name", default="quality")
+    p.add_argument("--out", default=None, help="folder for <name>.json / .md (default bench/results)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -42,7 +47,7 @@ def main() -> None:
     from fedledger.config import Settings
     from fedledger.inprocess import InProcessGrid
     from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
-    from fedledger.strategy_factory import build_strategy
+    from fedledger.strategy_factory import build_pipeline
     from fedledger.task import get_task
 
     cfg = {"model": args.model, "num-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size,
@@ -61,11 +66,12 @@ def main() -> None:
     t = time.perf_counter()
     grid = InProcessGrid(client_app, args.clients, cfg)
     per_round = {}
-    strategy = build_strategy(settings, args.clients)
-    res = strategy.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=args.rounds,
+    pipeline = build_pipeline(settings, args.clients, identities=GridPartitions(grid))
+    res = pipeline.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=args.rounds,
                          evaluate_fn=lambda rnd, arrays: per_round.__setitem__(rnd, evaluate(as_numpy_dict(arrays))))
     results["federated"] = per_round[args.rounds]
     results["federated-per-round"] = per_round
+    results["federated-reports"] = {rnd: r.to_dict() for rnd, r in sorted(pipeline.reports.items())}
     timings["federated"] = time.perf_counter() - t
     print("federated", per_round, flush=True)
 
@@ -106,7 +112,8 @@ def main() -> None:
     md.append(f"\nLocal-only worst client: perplexity {results['local-only']['worst-perplexity']:.2f}.")
     md.append("\nFederated per round: " + ", ".join(f"r{k}: {v['perplexity']:.2f}" for k, v in sorted(per_round.items())))
     md.append("\n" + machine_line(info) + "\n")
-    write_results(args.name, {"args": vars(args), "results": results, "timings": timings, "machine": info}, "\n".join(md))
+    write_results(args.name, {"args": vars(args), "results": results, "timings": timings, "machine": info}, "\n".join(md),
+                  args.out)
     print("\n".join(md))
 
 

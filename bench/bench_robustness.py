@@ -1,12 +1,14 @@
 """Robustness: PageRank trust vs Flower's robust rules under attack, real LoRA updates.
 
 For every seed, attacker fraction, attack and rule we run R federated rounds of the real
-ClientApp (tiny random Llama + LoRA, chatterbot-corpus split by category) through the real
-strategy, then measure
+ClientApp (tiny random Llama + LoRA, chatterbot-corpus split by category) through the hub
+round pipeline the ServerApp runs (``fedledger.core.RoundPipeline`` around Flower's rule, each
+node known by its partition), then measure
 - detection precision/recall/F1 of the excluded set vs the ground-truth attackers, mean over
-  rounds (PageRank: its ``detection`` record; Krum/MultiKrum/Bulyan: the complement of the
-  set their selection rule picked, recomputed with Flower's own ``select_multikrum`` on the same
-  replies; FedAvg/FedMedian/FedTrimmedAvg exclude no node as such: n/a);
+  rounds (PageRank: from each round's ``RoundReport``, excluded = distrusted + rejected
+  partitions among kept + rejected ones; Krum/MultiKrum/Bulyan: the complement of the set their
+  selection rule picked, recomputed with Flower's own ``select_multikrum`` on the same replies;
+  FedAvg/FedMedian/FedTrimmedAvg exclude no node as such: n/a);
 - held-out perplexity of the final global adapter, relative to the attack-free run of the same
   rule and seed (and the absolute values).
 
@@ -18,8 +20,8 @@ rounds hit the cache only where two runs really reached the same global adapter 
 picking the same node). The server reference update (PageRank's trust anchor, trained on the
 root split) is cached the same way.
 
-    PYTHONPATH=/work/main python bench/bench_robustness.py --quick
-    PYTHONPATH=/work/main python bench/bench_robustness.py            # full grid
+    PYTHONPATH=/work/main python bench/bench_robustness.py --quick --out /tmp/robustness
+    PYTHONPATH=/work/main python bench/bench_robustness.py --time-budget 3600   # full grid
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine_info, machine_line, write_results  # noqa: E402
+from common import RESULTS, GridPartitions, machine_info, machine_line, round_detection, write_results  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,26 +100,29 @@ def make_grid_class():
 
 
 class SelectionSpy:
-    """Wraps Flower's select_multikrum: remembers which replies a rule selected this round."""
+    """Wraps Flower's select_multikrum: remembers, per call (one per round), which of the replies
+    it was given the rule selected (their positions)."""
 
     def __init__(self):
         from flwr.serverapp.strategy.multikrum import select_multikrum
 
         self.fn = select_multikrum
-        self.selected: list = []
+        self.selected: list[tuple[int, set[int]]] = []   # (number of replies, positions selected)
         self.__name__ = "select_multikrum"
 
     def __call__(self, contents, num_malicious_nodes, num_nodes_to_select):
         out = self.fn(contents, num_malicious_nodes, num_nodes_to_select)
-        self.selected.append((contents, out))
+        chosen = {id(c) for c in out}
+        self.selected.append((len(contents), {i for i, c in enumerate(contents) if id(c) in chosen}))
         return out
 
 
-def build_rule(rule: str, n: int, f: int, malicious: list[int], reference_fn, args):
-    """(strategy, spy or None, pagerank or None) for one rule; f = the true number of attackers."""
+def build_rule(rule: str, n: int, f: int, reference_fn, args):
+    """(Flower strategy, spy or None, PageRank trust stage or None) for one rule; f = the true
+    number of attackers."""
     from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-    from fedledger.strategies.pagerank import PageRankTrust
+    from fedledger.strategies.pagerank import PageRankScorer
 
     kw = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n, "min_evaluate_nodes": 0, "min_available_nodes": n}
     if rule == "fedavg":
@@ -135,47 +140,60 @@ def build_rule(rule: str, n: int, f: int, malicious: list[int], reference_fn, ar
     if rule == "bulyan":
         spy = SelectionSpy()
         return Bulyan(num_malicious_nodes=f, selection_rule=spy, **kw), spy, None
-    if rule == "pagerank":
-        s = PageRankTrust(reference_fn=reference_fn, malicious=malicious, threshold=args.trust_threshold, **kw)
-        return s, None, s
+    if rule == "pagerank":  # FedAvg weighted by trust x num-examples, as PageRankTrust() aggregating itself
+        trust = PageRankScorer(reference_fn=reference_fn, threshold=args.trust_threshold, reweight=True)
+        return FedAvg(**kw), None, trust
     raise ValueError(rule)
+
+
+def selection_detection(pipeline, spy: SelectionSpy, malicious: list[int]) -> list[dict]:
+    """Per round: the nodes the selection step left out vs the ground truth. The pipeline hands
+    the rule its kept updates in report order, so position i is ``reports[round].kept[i]``."""
+    from fedledger.strategies.detection import detection_metrics
+
+    out = []
+    for rnd, (count, chosen) in zip(sorted(pipeline.reports), spy.selected, strict=True):
+        pids = [k["partition"] for k in pipeline.reports[rnd].kept]
+        if len(pids) != count:
+            raise RuntimeError(f"round {rnd}: the rule saw {count} replies, the report kept {len(pids)}")
+        excluded = [p for i, p in enumerate(pids) if i not in chosen]
+        out.append(detection_metrics(excluded, malicious, pids))
+    return out
 
 
 def run_one(task, settings_cfg, rule, n, f, malicious, args, Grid, reference_fn):
     from flwr.serverapp.strategy import multikrum as mk_mod
 
     from fedledger.client_app import app as client_app
-    from fedledger.strategies.detection import detection_metrics
+    from fedledger.core import RoundPipeline
     from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
 
-    strategy, spy, pr = build_rule(rule, n, f, malicious, reference_fn, args)
+    strategy, spy, trust = build_rule(rule, n, f, reference_fn, args)
     grid = Grid(client_app, n, settings_cfg)
+    pipeline = RoundPipeline(strategy, trust=trust, identities=GridPartitions(grid))
     rounds_det = []
     patched = None
     if spy is not None and rule in ("krum", "multikrum"):
         patched = mk_mod.select_multikrum
         mk_mod.select_multikrum = spy  # Krum/MultiKrum call the module-level function
     try:
-        res = strategy.start(grid=grid, initial_arrays=to_arrayrecord(task.initial_adapter), num_rounds=args.rounds)
+        res = pipeline.start(grid=grid, initial_arrays=to_arrayrecord(task.initial_adapter), num_rounds=args.rounds)
     finally:
         if patched is not None:
             mk_mod.select_multikrum = patched
     if spy is not None:
-        for contents, selected in spy.selected:
-            pids = [int(c["metrics"]["partition-id"]) for c in contents]
-            chosen = {id(c) for c in selected}
-            excluded = [p for p, c in zip(pids, contents) if id(c) not in chosen]
-            rounds_det.append(detection_metrics(excluded, malicious, pids))
-    elif pr is not None:
-        rounds_det = [pr.detection[r] for r in sorted(pr.detection)]
+        rounds_det = selection_detection(pipeline, spy, malicious)
+    elif trust is not None:
+        rounds_det = [round_detection(pipeline.reports[r], malicious) for r in sorted(pipeline.reports)]
     final = as_numpy_dict(res.arrays) if res.arrays is not None else task.initial_adapter
     ev = task.evaluate(final, "heldout", max_batches=args.eval_batches)
     out = {"perplexity": float(ev["perplexity"]), "eval-loss": float(ev["eval-loss"])}
     if rounds_det:
         out["detection"] = {k: float(np.mean([d[k] for d in rounds_det])) for k in ("precision", "recall", "f1")}
         out["detection-per-round"] = [{k: d[k] for k in ("precision", "recall", "f1", "excluded", "malicious")} for d in rounds_det]
-    if pr is not None:
-        out["trust-last-round"] = pr.trust_history.get(args.rounds, {}).get("trust")
+    if trust is not None:
+        last = pipeline.reports.get(args.rounds)
+        out["trust-last-round"] = (last.trust or {}).get("scores") if last is not None else None
     return out
 
 
@@ -199,25 +217,27 @@ def main(argv=None):
     ap.add_argument("--trust-threshold", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true", help="1 seed, 30 %% attackers, sign-flip/noise/scale, 2 rounds")
     ap.add_argument("--name", default="robustness")
-    ap.add_argument("--report-only", action="store_true", help="rewrite .md/.png from bench/results/<name>.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite .md/.png from <out>/<name>.json")
+    ap.add_argument("--out", default=RESULTS, help="folder for <name>.json / .md / .png (default bench/results)")
     ap.add_argument("--time-budget", type=float, default=1500, help="stop starting new runs after this many seconds")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.fractions, args.attacks, args.rounds = "1", "0.3", "sign-flip,noise,scale", 2
     if args.report_only:
         return report_only(args)
-    logging.basicConfig(level=logging.ERROR)
-    for name in ("flwr", "fedledger"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
     import torch
 
     torch.set_num_threads(args.threads)
+    import fedledger.client_app  # noqa: F401  (importing Flower's ClientApp resets the flwr log level)
     from fedledger.clients import model as model_lib
     from fedledger.clients import train as train_lib
     from fedledger.config import Settings
     from fedledger.strategies.kernels import as_numpy_dict
     from fedledger.task import get_task
+
+    logging.basicConfig(level=logging.ERROR)
+    for name in ("flwr", "fedledger"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     Grid = make_grid_class()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -241,8 +261,9 @@ def main(argv=None):
             if key not in ref_cache:
                 model_lib.set_adapter(task.model, as_numpy_dict(global_arrays))
                 torch.manual_seed(int(key[0][:15], 16) + server_round)
-                train_lib.train_steps(task.model, task.examples("root"), task.pad_id, settings.local_steps,
-                                      settings.batch_size, settings.learning_rate, seed=settings.seed + server_round)
+                train_lib.train_steps(task.model, task.examples("root"), task.pad_id, settings.train.local_steps,
+                                      settings.train.batch_size, settings.train.learning_rate,
+                                      seed=settings.run.seed + server_round)
                 ref_cache[key] = model_lib.get_adapter(task.model)
             return ref_cache[key]
 
@@ -278,19 +299,20 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     info = machine_info()
     summary = summarise(results, rules, attacks, fractions)
-    payload = {"args": vars(args), "results": results, "summary": summary, "skipped": skipped, "wall-seconds": wall,
+    settings_args = {k: v for k, v in vars(args).items() if k != "out"}  # where it was written is no setting
+    payload = {"args": settings_args, "results": results, "summary": summary, "skipped": skipped, "wall-seconds": wall,
                "cache": {"hits": Grid.hits, "misses": Grid.misses}, "machine": info, "torch-threads": torch.get_num_threads()}
     md = markdown(args, summary, rules, attacks, fractions, results, skipped, wall, Grid, info)
-    write_results(args.name, payload, md)
-    plot(summary, rules, attacks, fractions, os.path.join(os.path.dirname(__file__), "results", f"{args.name}.png"))
+    write_results(args.name, payload, md, args.out)
+    plot(summary, rules, attacks, fractions, os.path.join(args.out, f"{args.name}.png"))
     print(md)
 
 
 def report_only(args):
-    path = os.path.join(os.path.dirname(__file__), "results", f"{args.name}.json")
+    path = os.path.join(args.out, f"{args.name}.json")
     with open(path) as fh:
         payload = json.load(fh)
-    saved = argparse.Namespace(**{**payload["args"], "report_only": False})
+    saved = argparse.Namespace(**{**payload["args"], "report_only": False, "out": args.out})
     results = payload["results"]
     rules = [r for r in saved.rules.split(",") if r]
     attacks = [a for a in saved.attacks.split(",") if a]
@@ -303,8 +325,8 @@ def report_only(args):
 
     md = markdown(saved, summary, rules, attacks, fractions, results, payload["skipped"], payload["wall-seconds"], G,
                   payload["machine"])
-    write_results(args.name, payload, md)
-    plot(summary, rules, attacks, fractions, os.path.join(os.path.dirname(__file__), "results", f"{args.name}.png"))
+    write_results(args.name, payload, md, args.out)
+    plot(summary, rules, attacks, fractions, os.path.join(args.out, f"{args.name}.png"))
     print(md)
 
 
@@ -343,7 +365,8 @@ def markdown(args, summary, rules, attacks, fractions, results, skipped, wall, G
              f"Krum/MultiKrum/Bulyan: the nodes their selection step left out (recomputed by Flower's `select_multikrum` on the "
              f"same replies); FedAvg/Median/TrimMean exclude no node: n/a. Robust rules get the *true* number of attackers f "
              f"(an oracle advantage); TrimMean beta = max(0.1, f/n). PageRank: `PageRankTrust(reference_fn=root-split update, "
-             f"threshold={args.trust_threshold})` aggregating itself.\n",
+             f"threshold={args.trust_threshold})` aggregating itself (FedAvg weighted by trust x num-examples). Every rule "
+             f"runs in the hub round pipeline (`RoundPipeline`: decode once, identity = partition, trust, aggregate).\n",
              "**Reuse.** Training is cached by (sha1 of the global adapter sent, partition, round, seed, attack); before each "
              "real training torch's RNG (LoRA dropout) is seeded from that key (batches are already seeded by the ClientApp), so "
              "identical inputs give identical training and a hit returns exactly what the ClientApp computes. Round 1 is shared by every "
@@ -425,16 +448,18 @@ def plot(summary, rules, attacks, fractions, path):
     except ImportError:
         return
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 6), squeeze=False)
+    colour = {rule: f"C{i}" for i, rule in enumerate(rules)}  # one colour per rule in both rows (one legend)
     for j, attack in enumerate(attacks):
         for rule in rules:
             xs = [f for f in fractions if f"{f}|{attack}|{rule}" in summary]
             if not xs:
                 continue
             ppl = [summary[f"{f}|{attack}|{rule}"]["ppl-ratio-mean"] for f in xs]
-            axes[0][j].plot(xs, ppl, marker="o", label=rule)
+            axes[0][j].plot(xs, ppl, marker="o", label=rule, color=colour[rule])
             f1x = [f for f in xs if summary[f"{f}|{attack}|{rule}"]["f1-mean"] is not None]
             if f1x:
-                axes[1][j].plot(f1x, [summary[f"{f}|{attack}|{rule}"]["f1-mean"] for f in f1x], marker="o", label=rule)
+                axes[1][j].plot(f1x, [summary[f"{f}|{attack}|{rule}"]["f1-mean"] for f in f1x], marker="o", label=rule,
+                                color=colour[rule])
         axes[0][j].set_title(attack)
         axes[0][j].set_yscale("log")
         axes[1][j].set_xlabel("attacker fraction")

@@ -40,11 +40,12 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from bench.common import machine_info, machine_line  # noqa: E402
 from fedledger.strategies import topology as T  # noqa: E402
-from fedledger.strategies.async_gossip import simulate_dissemination  # noqa: E402
+from fedledger.strategies.async_engine import simulate_dissemination  # noqa: E402
 
 SMOLLM2_ADAPTER_BYTES = 30 * (2 * (8 * 576 + 576 * 8) + 2 * (8 * 576 + 192 * 8)) * 4  # 3,686,400
 TINY_ADAPTER_BYTES = 28_672  # tiny Llama (hidden 64, 2 layers), r=8 on q,k,v,o; checked at run time
 CLAIMS = {"latency": 5.0, "accuracy": 0.13, "info-passing": 0.76}
+MODES = ("server-fedavg", "ring", "gossip", "async-gossip")
 
 
 def ms(values) -> dict:
@@ -116,12 +117,11 @@ def training_part(nodes, seeds, modes, args) -> dict:
 
     from fedledger.client_app import app as client_app
     from fedledger.config import Settings
+    from fedledger.core.pipeline import RoundPipeline
     from fedledger.inprocess import InProcessGrid
-    from fedledger.strategies.async_gossip import AsyncGossip
-    from fedledger.strategies.gossip import Gossip
+    from fedledger.strategies.accounting import HubAccounting
     from fedledger.strategies.kernels import array_nbytes, as_numpy_dict, to_arrayrecord
-    from fedledger.strategies.ring import RingAllReduce
-    from fedledger.strategies.serverless import NetworkAccounting
+    from fedledger.strategies.relay import build_relay
     from fedledger.task import get_task
 
     out: dict = {}
@@ -134,19 +134,6 @@ def training_part(nodes, seeds, modes, args) -> dict:
             init = to_arrayrecord(task.initial_adapter)
             for mode in modes:
                 topo = make_topology(args.train_topology, n, seed, args.heterogeneity)
-                common = dict(topology=topo, local_steps=args.local_steps, step_seconds=args.step_seconds, seed=seed)
-                if mode == "server-fedavg":
-                    strategy = NetworkAccounting(FedAvg(fraction_evaluate=0.0, min_evaluate_nodes=0, min_available_nodes=n, min_train_nodes=n),
-                                                 topo, server="centre", local_steps=args.local_steps,
-                                                 step_seconds=args.step_seconds)
-                elif mode == "ring":
-                    strategy = RingAllReduce(order="tsp", **common)
-                elif mode == "gossip":
-                    strategy = Gossip(k=args.k, steps=args.gossip_steps, **common)
-                elif mode == "async-gossip":
-                    strategy = AsyncGossip(k=args.k, **common)
-                else:
-                    raise ValueError(mode)
                 evals: dict[int, dict] = {}
 
                 def evaluate_fn(rnd, arrays, evals=evals):
@@ -155,11 +142,23 @@ def training_part(nodes, seeds, modes, args) -> dict:
                     return None
 
                 grid = InProcessGrid(client_app, n, cfg)
+                train_config = ConfigRecord({"local-steps": args.local_steps})
                 t0 = time.perf_counter()
-                strategy.start(grid=grid, initial_arrays=init, num_rounds=args.rounds,
-                               train_config=ConfigRecord({"local-steps": args.local_steps}), evaluate_fn=evaluate_fn)
+                if mode == "server-fedavg":  # the hub round pipeline, accounted on the same network
+                    accounting = HubAccounting(topo, local_steps=args.local_steps, step_seconds=args.step_seconds,
+                                               peer_of=grid.partition_of.get, server="centre")
+                    hub = RoundPipeline(FedAvg(fraction_evaluate=0.0, min_evaluate_nodes=0, min_available_nodes=n,
+                                               min_train_nodes=n), observers=[accounting])
+                    hub.start(grid=grid, initial_arrays=init, num_rounds=args.rounds, train_config=train_config,
+                              evaluate_fn=evaluate_fn)
+                    hist = [hub.reports[r].extra["exchange"] for r in sorted(hub.reports)]
+                else:
+                    runner = build_relay(mode, topology=topo, local_steps=args.local_steps,
+                                         step_seconds=args.step_seconds, seed=seed, gossip_k=args.k,
+                                         gossip_steps=args.gossip_steps, ring_order="tsp")
+                    hist = runner.run(grid, grid.node_of, init, args.rounds, train_config=train_config,
+                                      evaluate_fn=evaluate_fn).history
                 wall = time.perf_counter() - t0
-                hist = strategy.history
                 row = {"perplexity": [evals[r]["perplexity"] for r in sorted(evals)],
                        "eval-loss": [evals[r]["eval-loss"] for r in sorted(evals)],
                        "sim-round-seconds": [h["sim-round-seconds"] for h in hist],
@@ -380,7 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--nodes", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--topologies", nargs="+", default=["complete", "geometric"])
-    p.add_argument("--modes", nargs="+", default=["server-fedavg", "ring", "gossip", "async-gossip"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)

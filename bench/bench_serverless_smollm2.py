@@ -36,11 +36,10 @@ def run_mode(mode: str, task, cfg: dict, n: int, args) -> dict:
     from fedledger.config import Settings
     from fedledger.inprocess import InProcessGrid
     from fedledger.strategies.kernels import as_numpy_dict, to_arrayrecord
-    from fedledger.strategies.serverless import build_serverless_strategy
-    from fedledger.strategy_factory import build_strategy
 
-    settings = Settings.from_run_config({**cfg, "strategy": "fedavg" if mode == "server-fedavg" else mode})
-    grid = InProcessGrid(client_app, n, settings.to_dict())
+    settings = Settings.from_run_config({**cfg, "strategy": "fedavg" if mode == "server-fedavg" else mode,
+                                         "speed-heterogeneity": args.heterogeneity})
+    grid = InProcessGrid(client_app, n, settings.to_run_config())
     ppl: dict[int, float] = {}
 
     def evaluate(rnd, arrays):
@@ -48,14 +47,13 @@ def run_mode(mode: str, task, cfg: dict, n: int, args) -> dict:
         print(f"  {mode:14s} round {rnd}: held-out perplexity {ppl[rnd]:.3f}", flush=True)
 
     t0 = time.perf_counter()
-    rc = {**settings.to_dict(), "speed-heterogeneity": args.heterogeneity}
-    if mode == "server-fedavg":  # the app's stack: NetworkAccounting(ValidateUpdates(FedAvg))
-        strategy = build_strategy(Settings.from_run_config(rc), n)
+    init, train_config = to_arrayrecord(task.initial_adapter), ConfigRecord({"local-steps": args.local_steps})
+    if mode == "server-fedavg":
+        history = run_hub(settings, grid, n, init, train_config, args.rounds, evaluate)
     else:
-        strategy = build_serverless_strategy(mode, rc, n)
-    strategy.start(grid=grid, initial_arrays=to_arrayrecord(task.initial_adapter), num_rounds=args.rounds,
-                   train_config=ConfigRecord({"local-steps": args.local_steps}), evaluate_fn=evaluate)
-    sim = [h.get("sim-round-seconds") for h in strategy.history]
+        history = relay_for(mode, settings).run(grid, grid.node_of, init, args.rounds, train_config=train_config,
+                                                evaluate_fn=evaluate).history
+    sim = [h.get("sim-round-seconds") for h in history]
     out = {"perplexity": ppl, "sim-round-seconds": sim, "wall-seconds": time.perf_counter() - t0}
     if mode in ("gossip", "async-gossip"):  # peers hold different models: what does each one get?
         from fedledger.client_peer import MODEL_KEY
@@ -65,6 +63,37 @@ def run_mode(mode: str, task, cfg: dict, n: int, args) -> dict:
         out["peer-perplexity"] = own
         print(f"  {mode:14s} each peer's own model: {', '.join(f'{x:.3f}' for x in own)}", flush=True)
     return out
+
+
+def relay_for(mode: str, settings):
+    """The serverless runner the settings describe."""
+    from fedledger.strategies.relay import build_relay
+
+    t = settings.topology
+    return build_relay(mode, topology=t.topology, local_steps=settings.train.local_steps, step_seconds=t.step_seconds,
+                       seed=settings.run.seed, latency=t.link_latency, bandwidth=t.link_bandwidth,
+                       heterogeneity=t.speed_heterogeneity, gossip_k=t.gossip_k, gossip_steps=t.gossip_steps,
+                       ring_order=t.ring_order, staleness_exponent=t.staleness_exponent)
+
+
+def run_hub(settings, grid, n: int, init, train_config, rounds: int, evaluate) -> list[dict]:
+    """Server FedAvg through the round pipeline, accounted on the same network model; returns
+    the per-round ``exchange`` entries."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedledger.core.pipeline import RoundPipeline
+    from fedledger.strategies import topology as T
+    from fedledger.strategies.accounting import HubAccounting
+
+    t = settings.topology
+    topo = T.build(t.topology, n, seed=settings.run.seed, latency=t.link_latency, bandwidth=t.link_bandwidth,
+                   heterogeneity=t.speed_heterogeneity)
+    accounting = HubAccounting(topo, local_steps=settings.train.local_steps, step_seconds=t.step_seconds,
+                               peer_of=grid.partition_of.get)
+    hub = RoundPipeline(FedAvg(fraction_evaluate=0.0, min_evaluate_nodes=0, min_available_nodes=n),
+                        observers=[accounting])
+    hub.start(grid=grid, initial_arrays=init, num_rounds=rounds, train_config=train_config, evaluate_fn=evaluate)
+    return [hub.reports[r].extra["exchange"] for r in sorted(hub.reports)]
 
 
 def main() -> None:
@@ -79,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,1,2")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--reuse", metavar="JSON", help="take the seeds already in this earlier result file (same settings)")
+    ap.add_argument("--out", default=None, help="folder for serverless_smollm2.json / .md (default bench/results)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     for name in ("flwr", "fedledger"):
@@ -104,7 +134,7 @@ def main() -> None:
         results[seed] = {mode: run_mode(mode, task, cfg, n, args) for mode in args.modes.split(",") if mode}
     info = machine_info()
     md = report(results, args, info, time.perf_counter() - t0)
-    write_results("serverless_smollm2", {"args": vars(args), "results": results, "machine": info}, md)
+    write_results("serverless_smollm2", {"args": vars(args), "results": results, "machine": info}, md, args.out)
     print(md)
 
 

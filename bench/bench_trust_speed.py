@@ -8,7 +8,7 @@ each, interleaved, after one warm-up. Separately reported (not part of the 1.5x 
 building X from N name->array adapters and subtracting the global adapter, a memory pass
 every strategy pays anyway.
 
-    PYTHONPATH=/work/main python bench/bench_trust_speed.py [--n 64 --params 4000000 --repeats 5]
+    PYTHONPATH=/work/main python bench/bench_trust_speed.py [--n 64 --params 4000000 --repeats 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="N=16, 1M params, 3 repeats")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for trust_speed.json / .md (default bench/results)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.params, args.repeats = 16, 1_000_000, 3
@@ -103,7 +104,7 @@ Note: the machine's 2 cores were shared with other jobs; both timings were inter
 affects them alike, but absolute seconds are noisy.
 """
     if not args.no_write:
-        write_results("trust_speed", payload, md)
+        write_results("trust_speed", payload, md, args.out)
     print(md)
     return payload
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine info, result writing, timing."""
+"""Helpers shared by the benchmarks: machine info, result writing, node identities."""
 
 from __future__ import annotations
 
@@ -31,8 +31,12 @@ def cpu_model() -> str:
         return ""
 
 
-def write_results(name: str, payload: dict, markdown: str) -> tuple[str, str]:
-    out = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_results(name: str, payload: dict, markdown: str, out: str | None = None) -> tuple[str, str]:
+    """``<out>/<name>.json`` and ``<out>/<name>.md`` (``out`` defaults to bench/results)."""
+    out = out or RESULTS
     os.makedirs(out, exist_ok=True)
     jpath, mpath = os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.md")
     with open(jpath, "w") as fh:
@@ -45,3 +49,36 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[str, str]:
 def machine_line(info: dict) -> str:
     return (f"Machine: {info['cpu']} ({info['cpus']} CPUs, torch {info['torch']}, {info['torch-threads']} threads), "
             f"commit `{info['commit']}`, {info['date']}.")
+
+
+class GridPartitions:
+    """``fedledger.core.Identities`` for an ``InProcessGrid``: each node is known by the partition
+    the bench gave it (``grid.partition_of``), as the ServerApp's Roster would have resolved it,
+    without a ``query.identity`` round trip."""
+
+    def __init__(self, grid):
+        self.partition_of = dict(grid.partition_of)
+
+    def refresh(self, grid) -> None:
+        return None
+
+    def resolve(self, node_id: int):
+        from fedledger.core import Identity
+
+        partition = self.partition_of.get(int(node_id))
+        return None if partition is None else Identity(int(node_id), partition)
+
+
+def partitions_of(entries) -> list[int]:
+    """The partitions of a report's ``kept`` / ``rejected`` / ``distrusted`` entries (unknown ones dropped)."""
+    return [e["partition"] for e in entries if e.get("partition") is not None]
+
+
+def round_detection(report, malicious) -> dict:
+    """Detection of one ``RoundReport`` against the bench's ground truth: excluded = distrusted +
+    rejected partitions, participants = kept + rejected partitions."""
+    from fedledger.strategies.detection import detection_metrics
+
+    rejected = partitions_of(report.rejected)
+    return detection_metrics(partitions_of(report.distrusted) + rejected, malicious,
+                             partitions_of(report.kept) + rejected)

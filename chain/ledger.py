@@ -91,37 +91,13 @@ def _account_from_hex(text: str, what: str):
 
 
 def _account_from_file(path: str):
-    from eth_account import Account
+    from .signing import KeyFileError, account_from_keyfile
 
-    path = os.path.expanduser(path)
     try:
-        with open(path) as fh:
-            text = fh.read().strip()
-    except FileNotFoundError:
-        raise LedgerError(f"aggregator key file {path} not found; check aggregator-key-file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LedgerError(f"cannot read aggregator key file {path} ({type(exc).__name__}); "
-                          f"check its permissions or aggregator-key-file") from None
-    if not text.startswith("{"):
-        return _account_from_hex(text, f"aggregator key file {path}")
-    try:
-        keystore = json.loads(text)
-    except ValueError:
-        raise LedgerError(f"aggregator key file {path} is neither a JSON keystore nor a 0x-hex key") from None
-    password = os.environ.get(KEY_PASSWORD_ENV)
-    if password is None:
-        raise LedgerError(f"aggregator key file {path} is an encrypted keystore; put its password in "
-                          f"${KEY_PASSWORD_ENV}")
-    try:
-        return Account.from_key(Account.decrypt(keystore, password))
-    except ValueError as exc:
-        if "MAC mismatch" in str(exc):
-            raise LedgerError(f"wrong password for the aggregator keystore {path}; check "
-                              f"${KEY_PASSWORD_ENV}") from None
-        raise LedgerError(f"aggregator key file {path} is not a valid JSON keystore ({exc})") from None
-    except Exception as exc:  # noqa: BLE001  (a keystore missing fields)
-        raise LedgerError(f"aggregator key file {path} is not a valid JSON keystore "
-                          f"({type(exc).__name__})") from None
+        return account_from_keyfile(path, role="aggregator", setting="aggregator-key-file",
+                                    password_env=KEY_PASSWORD_ENV)
+    except KeyFileError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 def _revert_types() -> tuple:
@@ -164,7 +140,7 @@ def _writer(w3, rpc_url: str, private_key: str | None, private_key_file: str | N
     accounts = w3.eth.accounts
     if not accounts:
         raise LedgerError(f"no aggregator key and the node at {rpc_url} has no unlocked account; {NO_KEY_HINT}")
-    log.info("fedledger: no aggregator key given; writing with the node's first unlocked account %s (devnets "
+    log.info("no aggregator key given; writing with the node's first unlocked account %s (devnets "
              "only; on a real chain set $%s or aggregator-key-file)", accounts[0], KEY_ENV)
     return None, accounts[0]
 

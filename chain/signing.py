@@ -4,10 +4,12 @@ Keys (eth-account ``LocalAccount``):
 
 - simulation: deterministic per node, ``private key = keccak256(seed || b"/" || partition-id)``
   (:func:`simulation_account`, seed ``"fedledger-sim"``). Anyone who knows the seed can derive
-  every key: good for reproducible simulations, never for deployments.
+  every key: good for reproducible simulations, never for deployments (a deployed node refuses
+  them unless told otherwise: :func:`fedledger.chain.mods.node_key`).
 - deployments: a key file per node (:func:`account_from_keyfile`), given by node-config
   ``key-file`` (an encrypted JSON keystore, password from ``$FEDLEDGER_KEY_PASSWORD``, or a file
-  holding one ``0x``-hex private key).
+  holding one ``0x``-hex private key). Every way a key file can fail is one
+  :class:`KeyFileError` line.
 
 Signature scheme: **EIP-191 version 0x45** (``personal_sign``, ``eth_account.messages.
 encode_defunct``) over the 32-byte digest
@@ -43,23 +45,49 @@ def simulation_account(partition_id: int | str, seed: str | bytes = DEFAULT_SEED
     return Account.from_key(key)
 
 
-def account_from_keyfile(path: str, password: str | None = None):
-    """Account from a JSON keystore (password or ``$FEDLEDGER_KEY_PASSWORD``) or a hex key file."""
-    with open(os.path.expanduser(path)) as fh:
-        text = fh.read().strip()
-    if text.startswith("{"):
-        pw = password if password is not None else os.environ.get("FEDLEDGER_KEY_PASSWORD", "")
-        return Account.from_key(Account.decrypt(json.loads(text), pw))
-    return Account.from_key(text)
+PASSWORD_ENV = "FEDLEDGER_KEY_PASSWORD"
 
 
-def node_account(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None):
-    """The signing account of a ClientApp node: ``key-file`` from node-config when set, else the
-    simulation key of ``partition-id``."""
-    key_file = node_config.get("key-file") if node_config else None
-    if key_file:
-        return account_from_keyfile(str(key_file))
-    return simulation_account(int(node_config.get("partition-id", 0)))
+class KeyFileError(ValueError):
+    """A key file that gives no account; the message is one line naming the fix."""
+
+
+def account_from_keyfile(path: str, password: str | None = None, *, role: str = "node",
+                         setting: str = "key-file in the node-config", password_env: str = PASSWORD_ENV):
+    """Account from a key file: an encrypted JSON keystore (the Ethereum standard; password
+    ``password``, else ``$password_env``) or a file holding one ``0x``-hex private key.
+
+    ``role`` and ``setting`` name the key and the option that gave the file in the one-line
+    :class:`KeyFileError` raised for a missing or unreadable file, a wrong password, or content
+    that is no key."""
+    what = f"{role} key file {path}"
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} not found; check {setting}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read {what} ({type(exc).__name__}); check its permissions or {setting}") from None
+    if not text.startswith("{"):
+        try:
+            return Account.from_key(text)
+        except Exception:  # noqa: BLE001  (eth-account raises several types for a bad key)
+            raise KeyFileError(f"{what} is not a 0x-hex private key of 32 bytes; check {setting}") from None
+    try:
+        keystore = json.loads(text)
+    except ValueError:
+        raise KeyFileError(f"{what} is neither a JSON keystore nor a 0x-hex key; check {setting}") from None
+    pw = password if password is not None else os.environ.get(password_env)
+    if pw is None:
+        raise KeyFileError(f"{what} is an encrypted keystore; put its password in ${password_env}")
+    try:
+        return Account.from_key(Account.decrypt(keystore, pw))
+    except ValueError as exc:
+        if "MAC mismatch" in str(exc):
+            raise KeyFileError(f"wrong password for the {role} keystore {path}; check ${password_env}") from None
+        raise KeyFileError(f"{what} is not a valid JSON keystore ({exc}); check {setting}") from None
+    except Exception as exc:  # noqa: BLE001  (a keystore missing fields)
+        raise KeyFileError(f"{what} is not a valid JSON keystore ({type(exc).__name__}); check {setting}") from None
 
 
 def signing_digest(run_id: int, server_round: int, update_hash_value: str | bytes) -> bytes:

@@ -1,5 +1,9 @@
 """Artifact store: what an audited run recorded off chain, as safetensors and canonical JSON.
 
+A run folder is ``<run-dir>/<time>-run<id>/`` (:func:`new_run_folder`; the fedledger ServerApp
+and ``OnChainAudit.from_context`` both make it), found again by run id with
+:func:`find_run_folders` (``fedledger audit --run-id ID --runs <run-dir>``).
+
 Layout under ``<run folder>/audit/``::
 
     run.json                        the run's record: the round pipeline (rule, parameters, trust
@@ -26,8 +30,10 @@ committed on chain with the round's aggregate; each round document holds the SHA
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -36,6 +42,20 @@ from .hashing import bytes_hash, canonical_arrays, canonical_json
 
 RUN_FILE = "run.json"
 ROUND_FILE = "round.json"
+
+
+def new_run_folder(run_dir: str, run_id: int) -> str:
+    """Create and return ``<run-dir>/<YYYYmmdd-HHMMSS>-run<run_id>`` (absolute)."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{int(run_id)}"
+    path = os.path.abspath(os.path.join(os.path.expanduser(run_dir), name))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def find_run_folders(run_dir: str, run_id: int) -> list[str]:
+    """The run folders of ``run_id`` under ``run_dir`` that hold an audit record, oldest first."""
+    pattern = os.path.join(glob.escape(os.path.abspath(os.path.expanduser(run_dir))), f"*-run{int(run_id)}")
+    return sorted(p for p in glob.glob(pattern) if os.path.isfile(os.path.join(p, "audit", RUN_FILE)))
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -95,6 +95,7 @@ class RoundReport:
 
     round: int
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when the round was configured
+    finished: float | None = None                              # ... when its aggregation was committed
     sent: int = 0                                    # train messages sent
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -118,7 +119,7 @@ class RoundReport:
              "rejected": self.rejected, "distrusted": self.distrusted, "trust": self.trust,
              "aggregated": self.aggregated, "aggregate-error": self.aggregate_error, "metrics": self.metrics,
              "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-             "wall-seconds": round(time.perf_counter() - self.started, 4)}
+             "wall-seconds": None if self.finished is None else round(self.finished - self.started, 4)}
         d.update(self.extra)
         return d
 
@@ -277,9 +278,9 @@ class RoundPipeline(Strategy):
                 "layout": [[n, list(s), d.str] for n, (s, d) in self._layout.specs.items()] if self._layout else None}
 
     def summary(self) -> None:
-        stages = [name for name, s in (("identities", self.identities), ("audit trail", self.trail),
-                                       ("trust", self.trust)) if s is not None]
-        log.info("\t├── fedledger round pipeline: %s around %s", ", ".join(stages), type(self.strategy).__name__)
+        stages = ["decode"] + [name for name, s in (("identities", self.identities), ("audit trail", self.trail),
+                                                    ("trust", self.trust)) if s is not None]
+        log.info("round pipeline: %s -> %s", " -> ".join(stages), type(self.strategy).__name__)
         self.strategy.summary()
 
     # ----------------------------------------------------------------- train
@@ -350,6 +351,7 @@ class RoundPipeline(Strategy):
         if self.trail is not None:
             self.trail.commit(server_round, aggregate, report)
         clock.lap("commit")
+        report.finished = time.perf_counter()
         for observer in self.observers:
             report.extra.update(observer.observe(report))
         return (to_record(aggregate) if aggregate is not None else None), metrics

@@ -17,6 +17,7 @@ aggregated soft labels again, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -51,7 +52,8 @@ class Replay:
             self.reason = f"{self.rule} cannot be recomputed by the auditor ({why})"
         else:
             try:
-                self.strategy = cls(**spec.get("params", {}))
+                with _quiet_flower():  # e.g. FedAvg's "fraction_evaluate is set to 0.0": not the auditor's business
+                    self.strategy = cls(**spec.get("params", {}))
             except TypeError as exc:
                 self.reason = f"{self.rule} could not be rebuilt from its recorded parameters ({exc})"
 
@@ -71,14 +73,16 @@ class Replay:
         if self.strategy is None:
             raise RuntimeError(self.reason)
         ordered = {n: np.asarray(global_arrays[n]) for n in self.layout.names}
-        with _task_identity():
+        with _task_identity(), _quiet_flower():
             self.strategy.configure_train(server_round, to_record(ordered), ConfigRecord(), _ReplayGrid(self.strategy))
         decision = TrustDecision.from_dict(trust) if trust else None
         contributions = apply_decision([(k, {n: a[n] for n in self.layout.names}, ne) for k, _, a, ne in entries],
                                        ordered, decision)
         node_of = {k: node for k, node, _, _ in entries}
         metadata = [reply_metadata(node_of[c.key], server_round) for c in contributions]
-        aggregate, _, error = aggregate_contributions(self.strategy, server_round, contributions, metadata, self.layout)
+        with _quiet_flower():
+            aggregate, _, error = aggregate_contributions(self.strategy, server_round, contributions, metadata,
+                                                          self.layout)
         return aggregate, error
 
 
@@ -110,6 +114,18 @@ class _ReplayGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _quiet_flower():
+    """Flower's strategies log their sampling and warnings at INFO/WARNING; a replay is silent."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

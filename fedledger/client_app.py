@@ -2,7 +2,8 @@
 
 - ``train``: load the global adapter, run ``local-steps`` AdamW steps on this node's partition,
   reply with the new adapter (fp32 ``ArrayRecord`` "arrays") and a ``MetricRecord`` "metrics".
-  With ``audit`` on, the reply also carries an "audit" ``ConfigRecord``: the SHA-256 of the
+  With ``audit`` on, the client mod ``fedledger.chain.mods.audit_mod`` (the one signing path
+  of every ClientApp, ours or yours) adds the "audit" ``ConfigRecord``: the SHA-256 of the
   adapter and this node's Ethereum signature over (run id, round, hash).
 - ``evaluate``: loss and perplexity of the received adapter on held-out text of this node's
   categories (the node never trained on it).
@@ -30,6 +31,7 @@ import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from fedledger.chain.mods import NodeKey, SigningKeyError, audit_mod, node_key  # noqa: E402
 from fedledger.clients import model as model_lib  # noqa: E402
 from fedledger.clients import train as train_lib  # noqa: E402
 from fedledger.core.pipeline import to_record  # noqa: E402
@@ -40,7 +42,7 @@ from .config import Settings  # noqa: E402
 from .task import get_task  # noqa: E402
 
 log = logging.getLogger("fedledger")
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # before the handlers: Flower binds app-level mods when each is decorated
 
 
 def node_identity(context: Context) -> tuple[int, int]:
@@ -96,34 +98,30 @@ def _attacks():
     return attacks
 
 
-def signing_key(context: Context):
-    """(this node's signing account, "key-file" | "simulation"), or None when the run is not audited."""
+def signing_key(context: Context) -> NodeKey | None:
+    """This node's signing key (the mod's), or None when the run is not audited. Raises
+    ``SigningKeyError`` (one line) when the node has no key it may sign with."""
     if Settings.cached(context.run_config).audit.ledger == "none":
         return None
-    from fedledger.chain import signing
-
-    source = "key-file" if context.node_config.get("key-file") else "simulation"
-    return signing.node_account(context.node_config, context.run_config), source
+    return node_key(context)
 
 
 def _audit_record(context: Context, arrays: dict, server_round: int) -> ConfigRecord | None:
+    """The node's signed record of ``arrays`` for a reply ``audit_mod`` does not sign (KD's logit
+    replies are queries) or signs the same way (split's round-end adapter); None when unaudited."""
     key = signing_key(context)
     if key is None:
         return None
     from fedledger.chain import signing
 
-    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, key[0]))
+    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, key.account))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     arrays, metrics = train_local(msg, context)
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
-    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-    audit = _audit_record(context, arrays, server_round)
-    if audit is not None:
-        content["audit"] = audit
-    return Message(content, reply_to=msg)
+    return Message(content, reply_to=msg)  # audit_mod signs it on the way out
 
 
 @app.evaluate()
@@ -152,6 +150,6 @@ def _register_framework_handlers() -> None:
     client_split.register(app, _audit_record)
 
 
-identity.register(app, signing_key)
+identity.register(app, signing_key, key_errors=(SigningKeyError,))
 _register_peer_handlers()
 _register_framework_handlers()

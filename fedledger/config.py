@@ -598,13 +598,15 @@ class Settings:
         for key, ids in (("malicious", self.attack.malicious), ("trust-pretrusted", self.trust.pretrusted)):
             if ids and max(ids) >= num_nodes:
                 raise _invalid(key, ids, f" with {num_nodes} nodes: partition ids are 0..{num_nodes - 1}")
+        # Bulyan aggregates nothing below 4f + 3 replies (Flower skips the round): refuse the run.
+        # Krum / MultiKrum still aggregate with fewer nodes (Flower takes max(1, n - f - 2)
+        # neighbours), only without their n > 2f + 2 guarantee, so they are allowed.
         name, f = self.strategy.name, self.strategy.f(self.attack.malicious)
-        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name, 1)
+        need = 4 * f + 3 if name == "bulyan" else 1
         if num_nodes < need:
-            rule = "n >= 4f + 3" if name == "bulyan" else "n > 2f + 2"
             source = "the number of malicious ids" if self.strategy.num_malicious < 0 else "num-malicious"
             raise ConfigError(f"run-config strategy={name!r} with f={f} ({source}) "
-                              f"needs at least {need} nodes ({rule}), got {num_nodes}; add nodes or lower "
+                              f"needs at least {need} nodes (n >= 4f + 3), got {num_nodes}; add nodes or lower "
                               "num-malicious", "num-malicious")
 
 

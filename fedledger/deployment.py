@@ -6,6 +6,7 @@ runs on its own machine with TLS instead of ``--insecure``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -38,7 +39,26 @@ class LocalDeployment:
             self._spawn([_flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                          "--port", str(free_port()), "--node-config", node_config], env, f"supernode-{i}.log")
         self.write_flwr_config(env["FLWR_HOME"])
+        self.wait_until_online(env)
         return self
+
+    def wait_until_online(self, env: dict, timeout: float = 120.0) -> None:
+        """Until the SuperLink answers and lists every SuperNode as online (`flwr supernode list`):
+        a run started earlier samples only the nodes connected by then, or cannot reach the SuperLink."""
+        deadline, online = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            done = subprocess.run([_flwr_bin("flwr"), "supernode", "list", "deploy", "--format", "json"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            try:
+                answer = json.loads(done.stdout)
+                online = sum(n.get("status") == "online" for n in answer.get("nodes", []))
+            except ValueError:
+                online = 0
+            if online >= self.num_supernodes:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"{online} of {self.num_supernodes} SuperNodes online after {timeout:.0f} s; see the logs "
+                           f"in {self.workdir}")
 
     def _spawn(self, cmd, env, logname):
         log = open(os.path.join(self.workdir, logname), "w")
@@ -70,7 +90,11 @@ class LocalDeployment:
                     pass
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # nothing we started outlives a failed start
+            raise
 
     def __exit__(self, *exc):
         self.stop()

@@ -104,6 +104,7 @@ _PROGRESS = re.compile(r"(?:\d+it|\d+/\d+) \[\d+:\d+")                         #
 HARMLESS_FLOWER_WARNINGS = (
     "Since flwr 1.32, default simulated SuperNodes changed",  # printed even when num-supernodes is set
     "fraction_evaluate is set to 0.0",                        # the app evaluates centrally by design
+    "Manually terminating ClientAppActor",                    # Ray actors stopped at the end of every run
 )
 _HARMLESS_LIBRARY_LINES = tuple(p for prefixes in HARMLESS_LIBRARY_LOGS.values() for p in prefixes)
 

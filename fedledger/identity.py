@@ -133,6 +133,8 @@ class Roster:
         rec = reply.content.config_records.get("identity")
         if rec is None:
             return None, "identity reply without an 'identity' ConfigRecord"
+        if rec.get("error"):
+            return None, f"the node says: {rec['error']}"
         pid = rec.get("partition-id")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < self.num_partitions:
             return None, f"partition-id {pid!r} is not in [0, {self.num_partitions})"
@@ -150,10 +152,11 @@ class Roster:
 
 
 # ---------------------------------------------------------------------- ClientApp side
-def register(app, account_fn=None) -> None:
-    """Add ``@app.query("identity")`` to a ClientApp. ``account_fn(context) -> (LocalAccount, key
-    source) | None`` gives the node's signing key and where it came from ("simulation" or
-    "key-file"); None: the run is not signed."""
+def register(app, account_fn=None, key_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Add ``@app.query("identity")`` to a ClientApp. ``account_fn(context) -> NodeKey | None``
+    gives the node's signing key (``.account``, ``.source``: "simulation" or "key-file"); None:
+    the run is not signed. A ``key_errors`` exception (no usable key) is answered as the node's
+    ``error``, which the server's Roster gives as the reason it refuses the node."""
 
     @app.query("identity")
     def _identity(msg: Message, context: Context) -> Message:
@@ -161,12 +164,18 @@ def register(app, account_fn=None) -> None:
         try:
             pid = int(cfg["partition-id"])
         except (KeyError, TypeError, ValueError):
-            return Message(RecordDict({"identity": ConfigRecord({"error": "node config has no partition-id"})}),
-                           reply_to=msg)
+            return _error_reply(msg, "node config has no partition-id")
         rec: dict = {"partition-id": pid, "num-partitions": int(cfg.get("num-partitions", 0))}
-        signing = account_fn(context) if account_fn is not None else None
-        if signing is not None:
-            account, rec["key-source"] = signing
-            rec["signer"] = account.address
-            rec["signature"] = _sign(account, identity_digest(context.run_id, context.node_id, pid))
+        try:
+            key = account_fn(context) if account_fn is not None else None
+        except key_errors as exc:
+            return _error_reply(msg, str(exc))
+        if key is not None:
+            rec["key-source"] = key.source
+            rec["signer"] = key.account.address
+            rec["signature"] = _sign(key.account, identity_digest(context.run_id, context.node_id, pid))
         return Message(RecordDict({"identity": ConfigRecord(rec)}), reply_to=msg)
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    return Message(RecordDict({"identity": ConfigRecord({"error": reason})}), reply_to=msg)

@@ -31,6 +31,7 @@ logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at i
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from fedledger.chain.store import new_run_folder  # noqa: E402
 from fedledger.clients import model as model_lib  # noqa: E402
 from fedledger.clients import train as train_lib  # noqa: E402
 from fedledger.clients.data import DataError  # noqa: E402
@@ -147,10 +148,7 @@ def audit_trail(settings: Settings, folder: str, run_id: int):
 
 
 def run_folder(settings: Settings, run_id: int) -> str:
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-    path = os.path.abspath(os.path.join(os.path.expanduser(settings.run.run_dir), name))
-    os.makedirs(path, exist_ok=True)
-    return path
+    return new_run_folder(settings.run.run_dir, run_id)
 
 
 def reference_fn(task, settings: Settings):
@@ -184,7 +182,10 @@ class CentralEvaluation:
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             result = self._evaluate(server_round, arrays)
             report = pipeline.reports.get(server_round)
-            log.info("%s", logs.round_line(server_round, self.num_rounds, report.to_dict() if report else {}, result))
+            shown = report.to_dict() if report else {}
+            if report:  # the whole round as the user waited for it: train, aggregate, ledger, evaluation
+                shown["wall-seconds"] = time.perf_counter() - report.started
+            log.info("%s", logs.round_line(server_round, self.num_rounds, shown, result))
             return MetricRecord(result)
 
         return evaluate_fn

@@ -1,8 +1,8 @@
 """Detection metrics: how well a defence's excluded set matches the ground-truth attackers.
 
 Ground truth comes from the run-config (``malicious`` = partition ids), never from what
-clients report about themselves; replies are mapped to partition ids through their
-``partition-id`` metric (an experiment convenience the ClientApp reports).
+clients report about themselves; a reply's partition is the one its node's identity was
+resolved to once (``fedledger.identity.Roster``), never a metric the reply carries.
 """
 
 from __future__ import annotations

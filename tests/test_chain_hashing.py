@@ -59,7 +59,6 @@ def test_simulation_keys_are_deterministic_and_distinct():
     a0, a0b, a1 = signing.simulation_account(0), signing.simulation_account(0), signing.simulation_account(1)
     assert a0.address == a0b.address != a1.address
     assert signing.simulation_account(0, seed="other").address != a0.address
-    assert signing.node_account({"partition-id": 1}, {}).address == a1.address
 
 
 def test_sign_verify_and_audit_record(tmp_path):
@@ -80,7 +79,6 @@ def test_sign_verify_and_audit_record(tmp_path):
 
     (tmp_path / "k.json").write_text(json.dumps(Account.encrypt(acct.key, "pw", iterations=2)))
     assert signing.account_from_keyfile(str(tmp_path / "k.json"), "pw").address == acct.address
-    assert signing.node_account({"key-file": str(tmp_path / "k.hex"), "partition-id": 0}).address == acct.address
 
 
 def test_golden_hash():

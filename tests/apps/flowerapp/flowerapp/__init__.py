@@ -1,0 +1,1 @@
+"""flowerapp: a Flower app that knows nothing of fedledger but two lines."""
