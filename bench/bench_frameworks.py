@@ -89,6 +89,9 @@ def run_row(row: str, seed: int, args) -> dict:
 def summarise_run(m: dict, wall: float) -> dict:
     rounds = sorted(int(r) for r in m["rounds"])
     central = {r: m["rounds"][str(r)].get("central", {}) for r in rounds}
+    if any(central[r].get("num-examples", 1) == 0 for r in rounds):  # perplexity 1.0 of nothing is no number
+        raise SystemExit("the held-out split kept no example (every answer cut off at --max-length after the chat "
+                         "template's prompt); raise --max-length (56 or more for SmolLM2) or --heldout-fraction")
     trained = [r for r in rounds if r > 0]
     per_client = [c for r in trained for c in m["rounds"][str(r)].get("clients", {}).values()]
 
@@ -118,7 +121,7 @@ def measure_rss(kind: str, args) -> float:
     """Peak RSS (MB) of a fresh process doing one client's work of ``kind``."""
     out = subprocess.run([sys.executable, __file__, "--rss-child", kind, "--model", args.model,
                           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                          "--public-batch", str(args.public_batch)],
+                          "--public-batch", str(args.public_batch), "--threads", str(args.threads)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo()})
     lines = [l for l in out.stdout.splitlines() if l.startswith("peak-rss-mb ")]
     if not lines:
@@ -318,8 +321,14 @@ def main() -> None:
     ap.add_argument("--out", default=NAME, help="results name in bench/results (default: frameworks)")
     ap.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per kind of client (peak RSS is noisy)")
     ap.add_argument("--rss-only", action="store_true", help="(re)measure the peak RSS into the results file and stop")
+    ap.add_argument("--merge", default="", help="results names (comma-separated) of the same settings to combine "
+                    "into --out, e.g. grids run side by side in several processes; then report and stop")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default; 1 is ~3x faster on an oversubscribed machine)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads > 0:
+        set_threads(args.threads)
     if args.rss_child:
         return rss_child(args.rss_child, args)
     if args.quick:
@@ -338,15 +347,16 @@ def main() -> None:
                "rss": {},
                "complete": False, "wall": 0.0}
     if args.resume and os.path.exists(path):
-        with open(path) as fh:
-            old = json.load(fh)
-        same = [k for k in ("model", "clients", "rounds", "local_steps", "learning_rate", "batch_size", "max_length",
-                            "public_size", "public_batch", "distil_steps", "task_train", "task_eval", "heldout_fraction")
-                if old["args"].get(k) != getattr(args, k)]
-        if same:
-            raise SystemExit(f"{path} was run with other settings ({same}); not resuming")
+        old = load_same(path, args)
         payload.update({"results": old["results"], "rss": old.get("rss", {}), "wall": old.get("wall", 0.0)})
     payload["machine"] = machine_info()  # this invocation's machine and commit (a resumed grid names its own)
+    if args.merge:
+        for name in [n for n in args.merge.split(",") if n]:
+            merge_into(payload, load_same(os.path.join(os.path.dirname(path), f"{name}.json"), args))
+        payload["complete"] = all(str(s) in payload["results"].get(r, {}) for r in ROWS for s in seeds)
+        save(payload, args)
+        print(report(payload))
+        return
     for kind in sorted(set(rss_kinds(rows).values())):
         have = payload["rss"].get(kind)
         have = list(have) if isinstance(have, list) else []  # an older file kept one number: measure again
@@ -373,6 +383,42 @@ def main() -> None:
     payload["complete"] = all(str(s) in payload["results"].get(r, {}) for r in ROWS for s in seeds) and not args.quick
     save(payload, args)
     print(report(payload))
+
+
+SETTINGS = ("model", "clients", "rounds", "local_steps", "learning_rate", "batch_size", "max_length", "public_size",
+            "public_batch", "distil_steps", "task_train", "task_eval", "heldout_fraction")
+
+
+def load_same(path: str, args) -> dict:
+    """A results file run with the settings of ``args`` (else one line and exit)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist")
+    with open(path) as fh:
+        old = json.load(fh)
+    other = [k for k in SETTINGS if old["args"].get(k) != getattr(args, k)]
+    if other:
+        raise SystemExit(f"{path} was run with other settings ({other}); not combining it with these")
+    return old
+
+
+def merge_into(payload: dict, other: dict) -> None:
+    """Add ``other``'s runs (a row and seed already in ``payload`` stays) and its RSS samples."""
+    for row, runs in other["results"].items():
+        for seed, res in runs.items():
+            payload["results"].setdefault(row, {}).setdefault(seed, res)
+    for kind, values in other.get("rss", {}).items():
+        mine = payload["rss"].get(kind) or []
+        payload["rss"][kind] = (mine if isinstance(mine, list) else [mine]) + (values if isinstance(values, list) else [values])
+    payload["wall"] = payload.get("wall", 0.0) + other.get("wall", 0.0)
+
+
+def set_threads(n: int) -> None:
+    """Run torch (and any child process) on ``n`` threads: with more runnable threads than cores,
+    OpenMP's spinning barriers make 2 threads slower than 1 (measured here: 3x on a loaded machine)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
 
 
 def save(payload: dict, args) -> None:
