@@ -56,14 +56,24 @@ def test_split_through_flwr_run_is_audited(tmp_path):
 def test_split_learning_between_two_real_supernodes(tmp_path):
     """Every local step is a message to a SuperNode whose ClientApp keeps adapter, optimizer moments
     and activation digest in its node state between messages."""
+    from eth_account import Account
+
     from fedledger.deployment import LocalDeployment
 
     run_dir = tmp_path / "runs"
-    with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2) as dep:
+    accounts = [Account.create() for _ in range(2)]  # a deployment signs with key files, never simulation keys
+    extra = []
+    for i, acct in enumerate(accounts):
+        key_file = tmp_path / f"node-{i}.key"
+        key_file.write_text(acct.key.hex())
+        extra.append(f'key-file="{key_file}"')
+    with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2, node_config_extra=extra) as dep:
         outcome = run_simulation(ROOT, _tiny_config(run_dir, f"{SMALL} strategy='split' split-layer=1"),
                                  flwr_home=dep.flwr_home, superlink="deploy", timeout=900, echo=False)
         assert outcome.ok, outcome.log[-3000:] + open(os.path.join(dep.workdir, "supernode-0.log")).read()[-2000:]
     folder, m = _metrics(run_dir)
     assert m["rounds"]["2"]["exchange"]["participants"] == [0, 1]
     assert m["rounds"]["2"]["central"]["eval-loss"] < m["rounds"]["0"]["central"]["eval-loss"]
-    assert not audit_run(folder).problems
+    report = audit_run(folder)
+    assert not report.problems
+    assert {r.client.lower() for r in report.rows if r.kind == "update"} == {a.address.lower() for a in accounts}
