@@ -20,10 +20,13 @@ Modules:
                           key, ``LedgerError``)
 - :mod:`.run_config`      ``LedgerConfig``: the run-config keys of an audited run, their defaults
 - :mod:`.store`           the run's files: safetensors adapters, ``run.json``, ``round.json`` (``ArtifactStore``)
+- :mod:`.journal`         ``audit/journal.jsonl``: every ledger write, on disk before it is sent; what a
+                          node lost, re-sent (``resend_lost``; ``fedledger resend``)
 - :mod:`.trail`           ``LedgerTrail``: ``core.pipeline.AuditTrail`` on the ledger (verify, record, commit)
 - :mod:`.audit_strategy`  ``OnChainAudit``, ``build_ledger``, ``build_trail``
-- :mod:`.audit`           ``audit_run(folder)`` -> report (OK / MISMATCH / MISSING / BAD-SIGNATURE /
-                          NO-AGGREGATE / REJECTED / UNSIGNED / NOT-RECOMPUTED), every aggregate recomputed
+- :mod:`.audit`           ``audit_run(folder)`` -> report (OK / MISMATCH / MISSING / NOT-ON-CHAIN /
+                          BAD-SIGNATURE / NO-AGGREGATE / REJECTED / UNSIGNED / NOT-RECOMPUTED), every
+                          aggregate recomputed
 - :mod:`.devnet`          anvil devnet with persisted state (``start`` / ``stop`` / ``status``)
 
 The names above are imported on first use (PEP 562): web3 and eth-account are heavy, and

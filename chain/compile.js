@@ -1,5 +1,7 @@
 // Compile chain/UpdateRegistry.sol with solc-js (pinned by scripts/install_chain_tools.sh) and
-// print {"contractName","compiler","evmVersion","abi","bytecode","deployedBytecode"} as JSON.
+// print {"contractName","compiler","evmVersion","abi","bytecode","deployedBytecode","immutableReferences"}
+// as JSON (immutableReferences: byte ranges of the deployed code that hold immutables, which an
+// auditor masks when comparing a registry's code with this artifact).
 // Usage: node chain/compile.js [path/to/node_modules/solc]
 const fs = require("fs");
 const path = require("path");
@@ -14,7 +16,8 @@ const input = {
     viaIR: true,
     optimizer: { enabled: true, runs: 200 },
     metadata: { bytecodeHash: "none" },
-    outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] } },
+    outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object",
+                                     "evm.deployedBytecode.immutableReferences"] } },
   },
 };
 const out = JSON.parse(solc.compile(JSON.stringify(input)));
@@ -33,4 +36,6 @@ process.stdout.write(JSON.stringify({
   abi: c.abi,
   bytecode: "0x" + c.evm.bytecode.object,
   deployedBytecode: "0x" + c.evm.deployedBytecode.object,
+  immutableReferences: Object.values(c.evm.deployedBytecode.immutableReferences || {}).flat()
+    .map((r) => [r.start, r.length]).sort((a, b) => a[0] - b[0]),
 }, null, 1) + "\n");

@@ -1,9 +1,11 @@
 """A local Ethereum devnet: Foundry's anvil on 127.0.0.1 with its state in a file.
 
 ``start`` runs ``anvil --silent --prune-history --host 127.0.0.1 --port P --state FILE
---state-interval 5`` detached, writes a pid file and waits until the RPC answers. anvil loads the
-state file on start and dumps to it every 5 s and on SIGTERM, so blocks and logs (the audit
-history) survive ``stop``/``start``. Default folder: ``.fedledger/devnet/`` in the current directory
+--state-interval 1`` detached, writes a pid file and waits until the RPC answers. anvil loads the
+state file on start and dumps to it every ``state_interval`` seconds (1: the least it allows) and
+on SIGTERM, so blocks and logs (the audit history) survive ``stop``/``start``. A SIGKILL (or a
+crash, a power cut) loses what was mined since the last dump: up to ``state_interval`` seconds
+of blocks; an audited run's journal (:mod:`.journal`) re-sends them when the node is back. Default folder: ``.fedledger/devnet/`` in the current directory
 (``--dir`` or ``$FEDLEDGER_DEVNET_DIR`` to change). Binary: ``$FEDLEDGER_ANVIL``, the repo's
 ``.tools/`` (``scripts/install_chain_tools.sh``), or ``anvil`` on PATH.
 """
@@ -25,6 +27,7 @@ from .ledger import LedgerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PORT = 8545
+DEFAULT_STATE_INTERVAL = 1   # seconds between anvil's state dumps (its smallest interval)
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
@@ -101,9 +104,18 @@ def status(state_dir: str | None = None) -> dict:
     return info
 
 
+def what_a_kill_loses(state_interval: int) -> str:
+    return (f"anvil writes its state file every {int(state_interval)} s and on `devnet stop`: a SIGKILL or a crash "
+            f"loses the blocks of the last {int(state_interval)} s at most; an audited run re-sends its lost records "
+            f"from its journal (`fedledger resend RUN_FOLDER` after the run)")
+
+
 def start(port: int = DEFAULT_PORT, state_dir: str | None = None, host: str = "127.0.0.1", timeout: float = 15.0,
-          state_interval: int = 5) -> dict:
-    """Start anvil (or report the one already running from this folder)."""
+          state_interval: int = DEFAULT_STATE_INTERVAL, chain_id: int | None = None) -> dict:
+    """Start anvil (or report the one already running from this folder); ``chain_id``: anvil's
+    ``--chain-id`` (default 31337)."""
+    if int(state_interval) < 1:
+        raise LedgerError(f"--state-interval {state_interval}: anvil dumps its state every N >= 1 seconds")
     state_dir = os.path.abspath(state_dir or default_dir())
     cur = status(state_dir)
     if cur["running"]:
@@ -117,14 +129,15 @@ def start(port: int = DEFAULT_PORT, state_dir: str | None = None, host: str = "1
     os.makedirs(state_dir, exist_ok=True)
     p = _paths(state_dir)
     cmd = [anvil, "--silent", "--prune-history", "--host", host, "--port", str(port), "--state", p["state"],
-           "--state-interval", str(state_interval)]
+           "--state-interval", str(state_interval)] + (["--chain-id", str(int(chain_id))] if chain_id else [])
     with open(p["log"], "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=state_dir)
     with open(p["pid"], "w") as fh:
         fh.write(str(proc.pid))
     with open(p["info"], "w") as fh:
-        json.dump({"rpc-url": url, "port": port, "host": host, "binary": anvil}, fh)
+        json.dump({"rpc-url": url, "port": port, "host": host, "binary": anvil,
+                   "state-interval": int(state_interval)}, fh)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -169,4 +182,5 @@ def ensure_running(rpc_url: str = f"http://127.0.0.1:{DEFAULT_PORT}", state_dir:
     if u.hostname not in LOCAL_HOSTS:
         raise LedgerError(f"cannot reach {rpc_url}; start that node or pass a reachable rpc-url")
     info = start(port=u.port or DEFAULT_PORT, state_dir=state_dir, host="127.0.0.1")
-    return f"started a devnet (anvil pid {info['pid']}) at {rpc_url}, state in {info['state-file']}"
+    return (f"started a devnet (anvil pid {info['pid']}) at {rpc_url}, state in {info['state-file']}; "
+            f"{what_a_kill_loses(info.get('state-interval', DEFAULT_STATE_INTERVAL))}")

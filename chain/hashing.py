@@ -14,8 +14,13 @@ So equal tensors (same names, dtypes, shapes, values) give the same hash on any 
 different dtype or shape with the same bytes gives a different hash. ``-0.0`` and ``0.0`` or two
 NaN payloads differ (bytes are hashed, not values). Object arrays are refused.
 
-The data are streamed: one ``hashlib`` update per tensor over a zero-copy view, no concatenation
-(``bench/bench_chain.py`` measures throughput against plain ``hashlib.sha256`` on the same bytes).
+The data are streamed: one ``hashlib`` update per tensor over a zero-copy view, no concatenation.
+The magic line, length and header depend only on the names, dtypes and shapes, so they are hashed
+once per layout: :class:`LayoutHasher` keeps the SHA-256 state after them and copies it per
+adapter. A server hashing replies decoded against the round's layout (``core.update``: views of
+the received bytes with exactly the layout's dtypes, shapes and C order) pays one dict lookup and
+one ``hashlib`` update per tensor (``bench/bench_hashing.py`` measures it against plain
+``hashlib.sha256`` on the same bytes pre-concatenated).
 Accepted input: anything with ``.items()`` giving numpy-convertible values (numpy arrays, a Flower
 ``ArrayRecord``/``Array`` via ``.numpy()``, CPU torch tensors).
 """
@@ -70,44 +75,90 @@ def canonical_arrays(arrays: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
 
 
 def header_bytes(items: list[tuple[str, np.ndarray]]) -> bytes:
-    # arrays are little-endian here (``_as_array``), so dtype.str is "<f4"-style or "|u1"-style
-    cache = _DTYPE_STR
-    names = [name for name, _ in items]
-    if _PLAIN.fullmatch("".join(names)):
-        # fast path, same bytes as the JSON encoder: names need no escaping
-        parts = []
-        for name, arr in items:
-            ds = cache.get(arr.dtype)
-            if ds is None:
-                ds = cache[arr.dtype] = arr.dtype.str
-            parts.append(f'["{name}","{ds}",[{",".join(map(str, arr.shape))}]]')
-        return ("[" + ",".join(parts) + "]").encode("ascii")
-    header = []
-    for name, arr in items:
-        ds = cache.get(arr.dtype)
-        if ds is None:
-            ds = cache[arr.dtype] = arr.dtype.str
-        header.append([name, ds, [int(d) for d in arr.shape]])
-    return _ENCODER.encode(header).encode("ascii")
+    """The JSON header of canonical ``(name, array)`` pairs (as :func:`canonical_arrays` gives them)."""
+    return _header_of([(name, arr.dtype, arr.shape) for name, arr in items])
 
 
 _PLAIN = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")  # printable ASCII except '"' and '\\': no JSON escaping
-_DTYPE_STR: dict = {}
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+class LayoutHasher:
+    """The canonical hash of adapters that share one layout (names, dtypes, shapes).
+
+    The prefix (magic line, header length, header) is hashed once; :meth:`digest` copies that
+    SHA-256 state and feeds it each tensor's buffer in name order. ``digest`` trusts the arrays
+    to have exactly the layout's dtypes and shapes, C-contiguous: that is what
+    ``fedledger.core.update`` decodes a reply to (``Update.layout``). Anything else goes through
+    :func:`update_hash`, which converts and checks every value.
+    """
+
+    def __init__(self, specs: Mapping[str, tuple[tuple[int, ...], Any]]):
+        items = []
+        for name in sorted(str(k) for k in specs):
+            shape, dtype = specs[name]
+            dtype = np.dtype(dtype)
+            if dtype.hasobject:
+                raise TypeError("cannot hash an object array")
+            if dtype.byteorder not in _CANONICAL_ORDERS:
+                raise ValueError(f"{name}: dtype {dtype.str} is not little-endian; hash it with update_hash")
+            items.append((name, dtype, tuple(int(d) for d in shape)))
+        self.names = [n for n, _, _ in items]
+        self.sized = [n for n, _, shape in items if _size(shape)]  # empty tensors add no bytes
+        header = _header_of([(n, d, shape) for n, d, shape in items])
+        self._prefix = hashlib.sha256()
+        self._prefix.update(MAGIC)
+        self._prefix.update(struct.pack("<Q", len(header)))
+        self._prefix.update(header)
+
+    def digest(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        """32-byte digest of ``arrays`` (views of this layout; see the class docstring)."""
+        h = self._prefix.copy()
+        update = h.update
+        for name in self.sized:
+            update(arrays[name])  # zero-copy: hashlib reads the C-contiguous buffer
+        return h.digest()
+
+    def hexdigest(self, arrays: Mapping[str, np.ndarray]) -> str:
+        """``"0x"`` + 64 hex digits, as :func:`update_hash` gives for the same arrays."""
+        return "0x" + self.digest(arrays).hex()
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _header_of(items: list[tuple[str, np.dtype, tuple[int, ...]]]) -> bytes:
+    """The JSON header ``[[name, dtype.str, shape], ...]`` (items sorted by name)."""
+    if _PLAIN.fullmatch("".join(name for name, _, _ in items)):
+        # fast path, same bytes as the JSON encoder: names need no escaping
+        parts = [f'["{name}","{dtype.str}",[{",".join(str(int(d)) for d in shape)}]]' for name, dtype, shape in items]
+        return ("[" + ",".join(parts) + "]").encode("ascii")
+    return _ENCODER.encode([[name, dtype.str, [int(d) for d in shape]] for name, dtype, shape in items]).encode("ascii")
+
+
+_HASHERS: dict[tuple, LayoutHasher] = {}
+_HASHER_CACHE_SIZE = 256
+
+
+def layout_hasher(items: list[tuple[str, np.ndarray]]) -> LayoutHasher:
+    """The cached :class:`LayoutHasher` of canonical ``(name, array)`` pairs' layout."""
+    key = tuple((name, arr.dtype, arr.shape) for name, arr in items)
+    hasher = _HASHERS.get(key)
+    if hasher is None:
+        if len(_HASHERS) >= _HASHER_CACHE_SIZE:
+            _HASHERS.clear()
+        hasher = _HASHERS[key] = LayoutHasher({name: (arr.shape, arr.dtype) for name, arr in items})
+    return hasher
 
 
 def update_hash_bytes(arrays: Mapping[str, Any]) -> bytes:
     """32-byte SHA-256 digest of ``arrays`` in the ``fedledger.adapter.v1`` format."""
     items = canonical_arrays(arrays)
-    header = header_bytes(items)
-    h = hashlib.sha256()
-    h.update(MAGIC)
-    h.update(struct.pack("<Q", len(header)))
-    h.update(header)
-    for _, arr in items:
-        if arr.size:
-            h.update(arr if arr.ndim else arr.reshape(1))  # zero-copy: hashlib reads the C-contiguous buffer
-    return h.digest()
+    return layout_hasher(items).digest({name: arr if arr.ndim else arr.reshape(1) for name, arr in items})
 
 
 def update_hash(arrays: Mapping[str, Any]) -> str:

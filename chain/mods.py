@@ -15,16 +15,20 @@ What the mod does with each message:
 
 - anything but a train message (``train`` or ``train.<action>``), or a run with run-config
   ``audit = "none"``: nothing, the handler runs as it would without the mod;
-- a train message: it resolves this node's key (:func:`node_key`) *before* the handler runs; a
-  node that cannot sign logs one line naming the fix and replies with that line as an error
-  (it does not train, and the server records the refusal once). Then the handler runs and, when
-  its reply holds exactly one ``ArrayRecord`` (any key; any tensor names, shapes and dtypes an
-  ``ArrayRecord`` carries), the mod adds the ConfigRecord ``audit``: the canonical SHA-256 of
-  the arrays (:mod:`.hashing`), the node's EIP-191 signature over (run id, round, hash)
-  (:mod:`.signing`) and its address. The reply is otherwise untouched. A reply without exactly
-  one ArrayRecord goes out unsigned with one log line; the server refuses it with its reason.
-- the round it signs: ``server-round`` from the instruction's ConfigRecord (Flower's strategies
-  put it there), else the message's group id (Flower sets it to the round).
+- a train message: *before* the handler runs, it resolves this node's key (:func:`node_key`)
+  and checks the chain the instruction's ``audit`` record names (:mod:`.inclusion`: this node
+  is enrolled, its signed record of the last round it sent is on chain, the global model it
+  received is the chain's current global; a dropped node contests). A node that cannot sign or
+  finds the chain wrong logs one line and replies with that line as an error: it does not
+  train, and the server records the refusal once. Then the handler runs and, when its reply
+  holds exactly one ``ArrayRecord`` (any key; any tensor names, shapes and dtypes an
+  ``ArrayRecord`` carries) and one MetricRecord with a whole-number weight (``num-examples``,
+  or the key the instruction names), the mod adds the ConfigRecord ``audit``: the node's
+  EIP-712 typed commitment (:class:`~.signing.Commitment`: chain id, registry, run id, round,
+  the hash of the global model it received, the canonical SHA-256 of its arrays, its example
+  count), the signature and its address. The reply is otherwise untouched. A reply it cannot
+  sign goes out unsigned with one log line; the server refuses it with its reason.
+- the round it signs: the instruction's ``audit`` record names it (``server-round``).
 
 The mod is outermost when it comes first in ``mods``: it signs the reply as it leaves the node,
 after every other mod (e.g. Flower's ``LocalDpMod``) has changed it.
@@ -46,6 +50,9 @@ from flwr.common import log
 
 from fedledger.core.update import AUDIT_KEY
 
+from . import inclusion
+from .inclusion import Instruction
+
 KEY_FILE = "key-file"
 ALLOW_SIMULATION_KEYS = "allow-simulation-keys"
 SIMULATION, DEPLOYMENT, LOCAL = "simulation", "deployment", "local"
@@ -59,37 +66,143 @@ class SigningKeyError(ValueError):
 
 
 # ---------------------------------------------------------------------------- the mod
+#: fedledger's own framework messages whose handler checks the chain and signs by itself
+#: (:func:`check_framework`, :func:`sign_framework`): a ``train.split`` message carries the
+#: global client-side adapter only at step 1 and a gradient after it, and only the round's last
+#: reply is an update; a ``train.kd_distill`` reply carries no update at all.
+SELF_AUDITED = frozenset({"train.split", "train.kd_distill"})
+
+
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower client mod: sign the train reply of any ClientApp (see the module docstring)."""
-    if not _is_train(msg) or not signs(context):
+    """Flower client mod: check the chain, then sign the train reply of any ClientApp (see the
+    module docstring)."""
+    if not _is_train(msg) or not signs(context) or msg.metadata.message_type in SELF_AUDITED:
         return call_next(msg, context)
     try:
         key = node_key(context)
-    except SigningKeyError as exc:
-        log(ERROR, "fedledger: node %s does not train: %s", context.node_id, exc)
-        return Message(Error(code=MOD_FAILED_PRECONDITION, reason=f"fedledger: {exc}"), reply_to=msg)
-    server_round = instruction_round(msg)
+        instruction = Instruction.of(msg)
+    except (SigningKeyError, ValueError) as exc:
+        return _refuse(msg, context, str(exc))
+    server_round = instruction.server_round if instruction is not None else instruction_round(msg)
+    global_hash = _global_hash(msg)
+    if instruction is not None and global_hash is not None:
+        try:
+            inclusion.check_before_training(context, instruction, global_hash, key)
+        except inclusion.Refusal as refusal:
+            return _refuse(msg, context, str(refusal))
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    arrays = reply.content.array_records
-    if len(arrays) != 1 or server_round is None:
-        why = (f"it holds {len(arrays)} ArrayRecords, not one" if len(arrays) != 1 else
-               "the instruction names no round (no 'server-round' in its ConfigRecord, no numeric group id)")
+    if instruction is not None and not reply.content.array_records and reply.metadata.message_type == "train.kd":
+        return reply   # KD's train reply carries metrics only; its signed update is the logit reply
+    problem, record, weight = _signable(reply, instruction, server_round, global_hash)
+    if problem is not None:
         log(WARNING, "fedledger: the train reply of node %s goes out unsigned: %s; the server refuses it",
-            context.node_id, why)
+            context.node_id, problem)
         return reply
-    (record,) = arrays.values()
     from . import signing
 
+    commitment = signing.Commitment(instruction.chain_id, instruction.registry, instruction.ledger_run(context),
+                                    server_round, global_hash, "", weight)
     try:
-        audit = signing.audit_record(record, context.run_id, server_round, key.account)
+        audit = signing.audit_record(record, commitment, key.account)
     except (TypeError, ValueError) as exc:  # an Array that does not decode to numpy
         log(WARNING, "fedledger: the train reply of node %s goes out unsigned: its arrays cannot be hashed (%s)",
             context.node_id, exc)
         return reply
     reply.content[AUDIT_KEY] = ConfigRecord(audit)
+    inclusion.remember(context, inclusion.Sent(instruction.chain_id, instruction.registry, server_round,
+                                               global_hash, audit["update-hash"], weight, audit["signature"]))
     return reply
+
+
+# ---------------------------------------------------------------------------- framework replies
+def check_framework(msg: Message, context: Context, global_hash: str) -> Message | None:
+    """For a handler that signs by itself (:data:`SELF_AUDITED`, KD's logit query): before it
+    trains, the same chain check as the mod's, for the global model ``global_hash`` it received.
+    None: go on (or the run is not audited, or the server sent no instruction: the reply then
+    goes out unsigned and the server refuses it); else the error reply to send instead."""
+    if not signs(context):
+        return None
+    try:
+        key = node_key(context)
+        instruction = Instruction.of(msg)
+    except (SigningKeyError, ValueError) as exc:
+        return _refuse(msg, context, str(exc))
+    if instruction is None:
+        return None
+    try:
+        inclusion.check_before_training(context, instruction, global_hash, key)
+    except inclusion.Refusal as refusal:
+        return _refuse(msg, context, str(refusal))
+    return None
+
+
+def sign_framework(msg: Message, context: Context, arrays, global_hash: str | None, weight: int
+                   ) -> ConfigRecord | None:
+    """The reply's ``audit`` record for a handler that signs by itself: the same EIP-712
+    commitment as an adapter update's (``update-hash`` = the canonical hash of ``arrays``,
+    ``global-hash`` = the global model this node received and trained from, ``num-examples`` =
+    ``weight``), remembered for the next round's chain check. None (one log line) when the run is
+    not audited or it cannot sign; the server then refuses the reply with its reason."""
+    if not signs(context):
+        return None
+    try:
+        key = node_key(context)
+        instruction = Instruction.of(msg)
+    except (SigningKeyError, ValueError) as exc:
+        log(WARNING, "fedledger: the reply of node %s goes out unsigned: %s", context.node_id, exc)
+        return None
+    if instruction is None or global_hash is None:
+        log(WARNING, "fedledger: the reply of node %s goes out unsigned: %s", context.node_id,
+            "the message carries no 'audit' instruction" if instruction is None else
+            "this node holds no global model of this round (its train message did not reach it)")
+        return None
+    from . import signing
+
+    commitment = signing.Commitment(instruction.chain_id, instruction.registry, instruction.ledger_run(context),
+                                    instruction.server_round, global_hash, "", int(weight))
+    audit = signing.audit_record(arrays, commitment, key.account)
+    inclusion.remember(context, inclusion.Sent(instruction.chain_id, instruction.registry, instruction.server_round,
+                                               global_hash, audit["update-hash"], int(weight), audit["signature"]))
+    return ConfigRecord(audit)
+
+
+def _refuse(msg: Message, context: Context, reason: str) -> Message:
+    """This node does not train: one log line, and the reason as the reply's error."""
+    log(ERROR, "fedledger: node %s does not train: %s", context.node_id, reason)
+    return Message(Error(code=MOD_FAILED_PRECONDITION, reason=f"fedledger: {reason}"), reply_to=msg)
+
+
+def _global_hash(msg: Message) -> str | None:
+    """The canonical hash of the global model the instruction carries (its one ArrayRecord)."""
+    records = msg.content.array_records
+    if len(records) != 1:
+        return None
+    from .hashing import update_hash
+
+    try:
+        return update_hash(next(iter(records.values())))
+    except (TypeError, ValueError):
+        return None
+
+
+def _signable(reply: Message, instruction, server_round, global_hash):
+    """(why the reply cannot be signed or None, its one ArrayRecord, its whole-number weight)."""
+    if instruction is None:
+        return "the instruction carries no 'audit' record (is the server fedledger's OnChainAudit?)", None, None
+    if global_hash is None:
+        return "the instruction does not carry exactly one ArrayRecord (the global model)", None, None
+    arrays = reply.content.array_records
+    if len(arrays) != 1:
+        return f"it holds {len(arrays)} ArrayRecords, not one", None, None
+    metrics = list(reply.content.metric_records.values())
+    weight = metrics[0].get(instruction.weight_key) if len(metrics) == 1 else None
+    if isinstance(weight, float) and weight.is_integer():
+        weight = int(weight)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+        return f"it has no whole-number '{instruction.weight_key}' in exactly one MetricRecord", None, None
+    return None, next(iter(arrays.values())), weight
 
 
 def audited(client_app: ClientApp) -> ClientApp:
@@ -160,7 +273,8 @@ def node_key(context: Context) -> NodeKey:
 
     - node-config ``key-file``: an encrypted JSON keystore (password in ``$FEDLEDGER_KEY_PASSWORD``)
       or a file holding one 0x-hex key; read once per process (again when the file changes);
-    - else the simulation key of the node's ``partition-id`` (derived from a public seed), except
+    - else the simulation key of the node's ``partition-id`` (derived from the federation secret
+      in this machine's key folder: :func:`~.signing.simulation_account`), except
       in a deployment (:func:`flower_runtime`), which refuses it unless the node-config says
       ``allow-simulation-keys=true`` (test benches).
 
@@ -177,7 +291,8 @@ def node_key(context: Context) -> NodeKey:
     runtime = flower_runtime()
     if runtime == DEPLOYMENT and not _truthy(cfg.get(ALLOW_SIMULATION_KEYS, False)):
         raise SigningKeyError(f"this SuperNode has no {KEY_FILE} in its node-config, and a deployment does not sign "
-                              f"with a simulation key (anyone can derive it); start the SuperNode with --node-config "
+                              f"with a simulation key (whoever reads the key folder can derive it); start the "
+                              f"SuperNode with --node-config "
                               f"\"{KEY_FILE}='/path/key.json'\" (or {ALLOW_SIMULATION_KEYS}=true on a test bench)")
     partition = cfg.get("partition-id")
     if isinstance(partition, bool) or not isinstance(partition, int):
@@ -185,8 +300,8 @@ def node_key(context: Context) -> NodeKey:
                               f"({partition!r}); give the SuperNode --node-config \"{KEY_FILE}='/path/key.json'\"")
     account = _simulation_account(partition)
     if runtime == DEPLOYMENT:
-        log(WARNING, "fedledger: node %s signs with the simulation key of partition %s (%s=true): anyone can "
-            "derive it; test benches only", context.node_id, partition, ALLOW_SIMULATION_KEYS)
+        log(WARNING, "fedledger: node %s signs with the simulation key of partition %s (%s=true): whoever reads "
+            "the key folder can derive it; test benches only", context.node_id, partition, ALLOW_SIMULATION_KEYS)
     return NodeKey(account, "simulation")
 
 
@@ -211,7 +326,7 @@ def flower_runtime() -> str:
 
 
 _KEY_FILES: dict[tuple, object] = {}   # (path, mtime, size) -> account: a keystore's KDF runs once
-_SIMULATION_KEYS: dict[int, object] = {}
+_SIMULATION_KEYS: dict[tuple[str, int], object] = {}   # (key folder, partition) -> account
 
 
 def _keyfile_account(path: str):
@@ -231,16 +346,17 @@ def _keyfile_account(path: str):
 def _simulation_account(partition: int):
     from . import signing
 
-    if partition not in _SIMULATION_KEYS:
-        _SIMULATION_KEYS[partition] = signing.simulation_account(partition)
-        log(INFO, "fedledger: partition %s signs with its simulation key %s (derived from a public seed: "
-            "simulations only)", partition, _SIMULATION_KEYS[partition].address)
-    return _SIMULATION_KEYS[partition]
+    cache_key = (signing.key_dir(), partition)
+    if cache_key not in _SIMULATION_KEYS:
+        _SIMULATION_KEYS[cache_key] = account = signing.simulation_account(partition)
+        log(INFO, "fedledger: partition %s signs with its simulation key %s (derived from the federation secret in "
+            "%s: simulations only)", partition, account.address, cache_key[0])
+    return _SIMULATION_KEYS[cache_key]
 
 
 def _truthy(value) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
-__all__ = ["ALLOW_SIMULATION_KEYS", "KEY_FILE", "NodeKey", "SigningKeyError", "audit_mod", "audited",
-           "flower_runtime", "instruction_round", "node_key", "signs"]
+__all__ = ["ALLOW_SIMULATION_KEYS", "KEY_FILE", "NodeKey", "SELF_AUDITED", "SigningKeyError", "audit_mod", "audited",
+           "check_framework", "flower_runtime", "instruction_round", "node_key", "sign_framework", "signs"]

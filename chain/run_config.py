@@ -18,8 +18,22 @@ key                    default                     what it does
                                                    ``$FEDLEDGER_AGGREGATOR_KEY_PASSWORD``, or 0x hex);
                                                    ``""``: ``$FEDLEDGER_AGGREGATOR_KEY``, else the node's
                                                    first unlocked account (devnets only)
+``admin-key-file``     ``""``                      the registry admin's key (enrols clients, deploys a
+                                                   new registry); ``""``: ``$FEDLEDGER_ADMIN_KEY``, else
+                                                   the node's second unlocked account (devnets only)
+``enrol``              ``"simulation"``            who the admin enrols when the run begins:
+                                                   ``"simulation"`` (the simulation keys of partitions
+                                                   0..N-1, funded on a devnet), ``"none"`` (enrolled
+                                                   beforehand), or comma-separated 0x addresses
 ``run-dir``            ``"runs"``                  run folders go to ``<run-dir>/<time>-run<id>/``
                                                    (relative: to the ServerApp process's working folder)
+``resume``             ``""``                      a run folder to continue after its last completed
+                                                   round (its ``checkpoint.pkl``): same ledger run id
+                                                   and registry (``OnChainAudit.resume_point``)
+``ledger-wait``        ``120.0``                   seconds a write waits for a node that does not
+                                                   answer (a back-off with one log line per attempt),
+                                                   then the run stops (:mod:`.journal` re-sends what a
+                                                   restarted node lost)
 =====================  ==========================  ==================================================
 
 The defaults are the fedledger app's (``pyproject.toml``), except ``audit``: the fedledger app
@@ -49,14 +63,21 @@ class LedgerConfig:
     registry_address: str = ""
     chain_id: int = 0
     aggregator_key_file: str = ""
+    admin_key_file: str = ""
+    enrol: str = "simulation"
     run_dir: str = "runs"
+    ledger_wait: float = 120.0
+    resume: str = ""
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            want = int if f.type in (int, "int") else str
+            want = {"int": int, "float": (int, float)}.get(getattr(f.type, "__name__", f.type), str)
             if isinstance(value, bool) or not isinstance(value, want):
-                _bad(f.name, value, "must be a whole number" if want is int else "must be a string")
+                _bad(f.name, value, "must be a string" if want is str else "must be a whole number" if want is int
+                     else "must be a number")
+        if self.ledger_wait < 0:
+            _bad("ledger_wait", self.ledger_wait, "must be >= 0 seconds")
         if self.audit not in KINDS:
             _bad("audit", self.audit, 'choose "anvil" or "eth-tester" (audit="none" means: do not wrap the strategy '
                                       'in OnChainAudit)')
@@ -70,6 +91,9 @@ class LedgerConfig:
             _bad("chain_id", self.chain_id, "must be >= 0")
         if not self.run_dir.strip():
             _bad("run_dir", self.run_dir, "must not be empty")
+        if self.enrol not in ("simulation", "none") and not all(
+                _ADDRESS.fullmatch(a.strip()) for a in self.enrol.split(",") if a.strip()) or not self.enrol.strip():
+            _bad("enrol", self.enrol, 'must be "simulation", "none" or a comma-separated list of 0x addresses')
 
     @classmethod
     def keys(cls) -> dict[str, str]:

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -222,19 +223,78 @@ def load_model(model: str = "smollm2", cache_dir: str | None = None, quantizatio
     return net, tokenizer
 
 
+# ----------------------------------------------------------------------------- imports
+@contextlib.contextmanager
+def _bitsandbytes_hidden(hide: bool):
+    """Run peft without bitsandbytes when nothing is quantized.
+
+    peft imports bitsandbytes whenever it is installed (at import, and again when it wraps a
+    model), and bitsandbytes pulls in torch's compiler stack: about 120 MB of resident memory and
+    a second of start-up that a LoRA on full-precision weights never uses. While hidden,
+    ``import bitsandbytes`` fails and the libraries' cached "is it installed?" answers are no;
+    afterwards bitsandbytes is importable again and those answers are forgotten, so a quantized
+    model wrapped later in the same process still gets it.
+    """
+    if not hide or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # the import system's "not available" marker
+    _forget_bitsandbytes_checks()
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        _forget_bitsandbytes_checks()
+
+
+def _forget_bitsandbytes_checks() -> None:
+    for module, names in (("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+                          ("transformers.utils.import_utils", ("is_bitsandbytes_available",))):
+        mod = sys.modules.get(module)
+        for name in names:
+            fn = getattr(mod, name, None)
+            if fn is not None and hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+
+
 # ----------------------------------------------------------------------------- LoRA
 def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed: int = 0):
     """Wrap ``model`` with a LoRA adapter (peft). The A-matrix init is seeded so every party agrees."""
-    from peft import LoraConfig, get_peft_model
-
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
-    torch.manual_seed(seed)
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise ModelError(f"LoRA could not attach ({exc}); set lora-targets to module names of this model") from None
+    with _bitsandbytes_hidden(not _is_quantized(model)):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                            task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise ModelError(f"LoRA could not attach ({exc}); set lora-targets to module names of this model") from None
+
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+def set_activation_checkpointing(model, every_n_layers: int) -> None:
+    """Recompute the activations of every ``every_n_layers``-th decoder layer in the backward pass
+    instead of keeping them (transformers' own activation checkpointing; 0 = off). Memory for
+    compute: checkpointing every layer keeps one hidden state per layer (plus one layer's
+    activations during its recompute) at the price of one more forward pass per step."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if every_n_layers <= 0:
+        if getattr(base, "is_activation_checkpointing", False) and hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(base).__name__} does not support activation checkpointing; "
+                         "set activation-checkpointing=0")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                         every_n_layers=int(every_n_layers))
 
 
 def get_adapter(model) -> dict[str, np.ndarray]:

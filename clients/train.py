@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import resource
 import time
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 
 from .data import collate
+from .loss import causal_lm_loss, fused_loss_supported, summed_loss_and_hits
 
 
 def _device(model) -> torch.device:
@@ -21,7 +24,55 @@ def _to(batch: dict, device) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory (MB) since the last :func:`reset_peak_rss` (Linux: VmHWM), else of the
+    process's whole life (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window (Linux ``/proc/self/clear_refs`` = 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+M_MMAP_THRESHOLD = -3       # glibc mallopt parameter
+MMAP_THRESHOLD = 64 * 1024  # bytes: larger blocks are mapped, and unmapped as soon as they are freed
+
+
+def tune_allocator() -> bool:
+    """Serve every block over 64 KiB from its own mapping, returned to the system when freed.
+
+    glibc starts with that behaviour for blocks over 128 KiB but raises the threshold each time
+    such a block is freed (up to 32 MiB); a training step's activations are then carved out of
+    the heap, which keeps and fragments them: a SmolLM2 client's peak grew by ~300 MB more than
+    its live tensors. A fixed threshold (set once; glibc stops adjusting it) keeps the resident
+    size at what is alive. False where glibc is not there.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_memory() -> None:
+    """Give freed memory back to the operating system (glibc keeps freed heap pages otherwise,
+    and a client's resident size would ratchet up round after round)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size: int, lr: float, seed: int,
@@ -45,25 +96,32 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
             if key in anchor:
                 prox.append((p, torch.as_tensor(anchor[key], dtype=p.dtype, device=p.device)))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    fused = fused_loss_supported(model)
+    tune_allocator()
     model.train()
     losses, tokens = [], 0
     start = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
         batch = _to(collate([examples[i] for i in idx], pad_id), device)
-        out = model(**batch)
-        loss = out.loss
+        if fused:  # lm_head + cross-entropy on the labelled positions only, in chunks
+            task_loss = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        else:
+            task_loss = model(**batch, use_cache=False).loss
+        loss = task_loss
         if prox:
             loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in prox)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(float(task_loss.detach()))
         tokens += int(batch["attention_mask"].sum())
+        del batch, task_loss, loss
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    del optimizer
     return {"train-loss": float(np.mean(losses)), "train-seconds": seconds, "train-tokens": tokens,
             "tokens-per-second": tokens / max(seconds, 1e-9)}
 
@@ -74,6 +132,7 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max
     accuracy on the same tokens (``accuracy``: the share of answer tokens whose most likely
     prediction is the right one)."""
     model.eval()
+    tune_allocator()
     device = _device(model)
     total_loss, total_tokens, correct = 0.0, 0, 0
     chosen = examples[: max_batches * batch_size] if max_batches else examples
@@ -82,13 +141,10 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max
     batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
     for batch_examples in batches:
         batch = _to(collate(batch_examples, pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total_loss += float(loss)
-        answer = labels != -100
-        total_tokens += int(answer.sum())
-        correct += int(((logits.argmax(-1) == labels) & answer).sum())
+        loss, count, hits = summed_loss_and_hits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total_loss += loss
+        total_tokens += count
+        correct += hits
     mean = total_loss / max(total_tokens, 1)
     return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(total_tokens, 1),
             "num-examples": len(chosen)}

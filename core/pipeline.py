@@ -29,11 +29,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from .aggregate import fast_rule, weighted_mean
 from .trust import Contribution, TrustDecision, apply_decision
 from .update import (
-    NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, decode_evaluate_reply, decode_global,
-    decode_replies, payload_nbytes,
+    AUDIT_KEY, NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, all_finite, decode_evaluate_reply,
+    decode_global, decode_replies, encode_array, payload_nbytes,
 )
 
 log = logging.getLogger("fedledger")
@@ -71,7 +73,13 @@ class TrustStage(Protocol):
 class AuditTrail(Protocol):
     """Where the round is recorded (``fedledger.chain.trail.LedgerTrail``)."""
 
-    def begin(self, run: dict) -> None: ...
+    def begin(self, run: dict, global_arrays: Mapping[str, np.ndarray], grid: Grid) -> None:
+        """Once, before the first instructions go out: ``run`` is :meth:`RoundPipeline.describe`."""
+
+    def instruction(self, server_round: int, global_arrays: Mapping[str, np.ndarray], weight_key: str
+                    ) -> Mapping[str, int | str]:
+        """What every train instruction of the round carries as its ``audit`` ConfigRecord (what a
+        client needs to sign and check its commitment)."""
 
     def verify(self, server_round: int, update: Update) -> tuple[str | None, str | None]:
         """(verified signer or None for an accepted unsigned update, rejection reason or None)."""
@@ -168,12 +176,17 @@ def aggregate_contributions(strategy: Strategy, server_round: int, contributions
                             metadata: Sequence[Metadata], layout: Layout, metrics: Sequence[Mapping] | None = None,
                             originals: Sequence[ArrayRecord] | None = None
                             ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, str | None]:
-    """Hand the contributions to ``strategy.aggregate_train`` as clean replies, in order.
+    """Aggregate the contributions as ``strategy.aggregate_train`` does, on clean replies, in order.
 
     Returns (aggregate in the layout's dtypes, aggregated metrics, error). The pipeline and the
     auditor's replay both call this, so a recomputed aggregate is produced by the same code.
     Each reply carries one ArrayRecord under the strategy's ``arrayrecord_key`` and one
     MetricRecord with the metric keys *all* contributions share plus the weight.
+
+    For Flower's own FedAvg and FedProx (``core.aggregate.fast_rule``) the arrays are averaged
+    by ``core.aggregate.weighted_mean`` straight from the decoded views (Flower's arithmetic,
+    bit for bit) and the metrics by the strategy's own ``train_metrics_aggr_fn``; every other
+    rule gets the replies through its own ``aggregate_train``.
     """
     if not contributions:
         return None, None, None
@@ -181,12 +194,13 @@ def aggregate_contributions(strategy: Strategy, server_round: int, contributions
     arrays_key = getattr(strategy, "arrayrecord_key", "arrays")
     metrics = list(metrics) if metrics is not None else [{} for _ in contributions]
     shared = set.intersection(*(set(m) for m in metrics)) - {weight_key} if metrics else set()
+    mrecs = [MetricRecord({**{k: m[k] for k in sorted(shared)}, weight_key: c.weight})
+             for c, m in zip(contributions, metrics, strict=True)]
+    if fast_rule(strategy) and all(d.kind == "f" for _, d in layout.specs.values()):
+        return _weighted_mean_rule(strategy, contributions, mrecs, layout, arrays_key, originals)
     messages = []
-    for i, (c, meta, m) in enumerate(zip(contributions, metadata, metrics, strict=True)):
-        original = originals[i] if originals is not None else None
-        record = original if (original is not None and not c.changed) else \
-            ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in c.arrays.items()})
-        mrec = MetricRecord({**{k: m[k] for k in sorted(shared)}, weight_key: c.weight})
+    for i, (c, meta, mrec) in enumerate(zip(contributions, metadata, mrecs, strict=True)):
+        record = _record_of(c, originals[i] if originals is not None else None)
         messages.append(Message(content=RecordDict({arrays_key: record, "metrics": mrec}), metadata=meta))
     try:
         arrays, agg_metrics = strategy.aggregate_train(server_round, messages)
@@ -198,6 +212,37 @@ def aggregate_contributions(strategy: Strategy, server_round: int, contributions
         out = _normalise(arrays, layout)
     except BoundaryError as exc:
         return None, agg_metrics, f"{type(strategy).__name__} returned an unusable aggregate: {exc}"
+    return out, agg_metrics, None
+
+
+def _record_of(c: Contribution, original: ArrayRecord | None) -> ArrayRecord:
+    """The reply's own ArrayRecord when the contribution is unchanged, else a new one."""
+    if original is not None and not c.changed:
+        return original
+    return to_record(c.arrays)
+
+
+def _weighted_mean_rule(strategy: Strategy, contributions: Sequence[Contribution], mrecs: Sequence[MetricRecord],
+                        layout: Layout, arrays_key: str, originals: Sequence[ArrayRecord] | None
+                        ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, str | None]:
+    """FedAvg / FedProx: the arrays by ``weighted_mean`` (Flower's arithmetic), the metrics by the
+    strategy's ``train_metrics_aggr_fn`` on the replies' records, as its ``aggregate_train`` does."""
+    name = type(strategy).__name__
+    weight_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
+    out = weighted_mean([c.arrays for c in contributions], [m[weight_key] for m in mrecs], layout)
+    fn = getattr(strategy, "train_metrics_aggr_fn", None) or aggregate_metricrecords
+    if fn is aggregate_metricrecords:  # Flower's default reads the MetricRecords only
+        contents = [RecordDict({"metrics": m}) for m in mrecs]
+    else:  # a user's function may look at the arrays too
+        contents = [RecordDict({arrays_key: _record_of(c, originals[i] if originals is not None else None),
+                                "metrics": m}) for i, (c, m) in enumerate(zip(contributions, mrecs, strict=True))]
+    try:
+        agg_metrics = fn(contents, weight_key)
+    except Exception as exc:  # noqa: BLE001
+        return None, None, f"{name}.train_metrics_aggr_fn raised {type(exc).__name__}: {exc}"
+    bad = next((k for k, v in out.items() if v.dtype.kind == "f" and not all_finite(v)), None)
+    if bad is not None:
+        return None, agg_metrics, f"{name} returned an unusable aggregate: {bad}: NaN/Inf values"
     return out, agg_metrics, None
 
 
@@ -219,7 +264,11 @@ def _normalise(arrays: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """An ArrayRecord of ``arrays`` (names kept), each encoded with one copy (``encode_array``)."""
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = encode_array(v)  # set item by item: ArrayRecord({...}) would rebuild every Array
+    return record
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -242,11 +291,14 @@ class RoundPipeline(Strategy):
     max_examples : int
         Upper bound of a reply's ``num-examples`` (default 10**9; the fedledger ServerApp sets
         the training-set size).
+    checkpoint : core.checkpoint.Checkpoint, optional
+        Saved after every completed round (after the trail committed it); ``core.checkpoint.resume``
+        and ``start(..., first_round=r + 1)`` continue a run from it.
     """
 
     def __init__(self, strategy: Strategy, *, trust: TrustStage | None = None, trail: AuditTrail | None = None,
                  identities: Identities | None = None, observers: Sequence[Observer] = (),
-                 max_examples: int | None = None) -> None:
+                 max_examples: int | None = None, checkpoint=None) -> None:
         if isinstance(strategy, RoundPipeline):  # compose: one pipeline, one decode, one policy
             inner = strategy
             trust = _one("trust stage", trust, inner.trust)
@@ -255,6 +307,7 @@ class RoundPipeline(Strategy):
                 None if isinstance(inner.identities, NodeIdentities) else inner.identities)
             observers = (*inner.observers, *observers)
             max_examples = max_examples if max_examples is not None else inner.max_examples
+            checkpoint = _one("checkpoint", checkpoint, inner.checkpoint)
             strategy = inner.strategy
         if not isinstance(strategy, Strategy):
             raise TypeError(f"expected a Flower Strategy, got {type(strategy).__name__}")
@@ -264,10 +317,50 @@ class RoundPipeline(Strategy):
         self.identities: Identities = identities if identities is not None else NodeIdentities()
         self.observers = tuple(observers)
         self.max_examples = int(max_examples if max_examples is not None else DEFAULT_MAX_EXAMPLES)
+        self.checkpoint = checkpoint
         self.reports: dict[int, RoundReport] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._layout: Layout | None = None
         self._begun = False
+
+    # ----------------------------------------------------------------- resume
+    def mark_begun(self) -> None:
+        """The run began before (a resumed run): the trail's ``begin`` is not called again."""
+        self._begun = True
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None, *, first_round: int = 1):
+        """Flower's ``Strategy.start``; with ``first_round`` > 1 (a resumed run) the rounds
+        ``first_round .. num_rounds`` run the same steps from ``initial_arrays`` (the global
+        after round ``first_round - 1``), without the initial evaluation."""
+        if first_round == 1:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                 evaluate_fn)
+        from flwr.serverapp.strategy.result import Result
+
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        result.arrays = initial_arrays
+        log.info("resuming at round %s of %s", first_round, num_rounds)
+        for rnd in range(int(first_round), int(num_rounds) + 1):
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg, train_metrics = self.aggregate_train(rnd, replies)
+            if agg is not None:
+                result.arrays = arrays = agg
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
 
     # ----------------------------------------------------------------- description
     def describe(self) -> dict:
@@ -290,9 +383,14 @@ class RoundPipeline(Strategy):
         self._global = decode_global(arrays)
         self._layout = Layout.of(self._global)
         if self.trail is not None and not self._begun:
-            self.trail.begin(self.describe())
+            self.trail.begin(self.describe(), self._global, grid)
         self._begun = True
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if self.trail is not None:
+            weight_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES)
+            instruction = ConfigRecord(dict(self.trail.instruction(server_round, self._global, weight_key)))
+            for m in messages:
+                m.content[AUDIT_KEY] = instruction
         report = RoundReport(server_round, sent=len(messages))
         for m in messages:
             n = payload_nbytes(m)
@@ -337,7 +435,7 @@ class RoundPipeline(Strategy):
         kept = [by_key[c.key] for c in contributions]
         aggregate, metrics, error = aggregate_contributions(
             self.strategy, server_round, contributions, [u.message.metadata for u in kept], self._layout,
-            [u.metrics for u in kept], [_arrayrecord(u, self._layout) for u in kept])
+            [u.metrics for u in kept], _Originals(kept, self._layout))
         clock.lap("aggregate")
         self._fill(report, updates, rejected, decision, kept, metrics, error)
         if error:
@@ -354,6 +452,8 @@ class RoundPipeline(Strategy):
         report.finished = time.perf_counter()
         for observer in self.observers:
             report.extra.update(observer.observe(report))
+        if self.checkpoint is not None:   # the round is complete: a resume starts after it
+            self.checkpoint.save(self, server_round, aggregate if aggregate is not None else self._global)
         return (to_record(aggregate) if aggregate is not None else None), metrics
 
     # ----------------------------------------------------------------- evaluate
@@ -458,7 +558,24 @@ def _arrayrecord(update: Update, layout: Layout) -> ArrayRecord:
     nothing is re-encoded, and a strategy that empties its input (Flower's Bulyan and
     FedTrimmedAvg pop the arrays they read) never touches the reply itself."""
     (rec,) = update.message.content.array_records.values()
-    return ArrayRecord({name: rec[name] for name in layout.names})
+    out = ArrayRecord()
+    for name in layout.names:
+        out[name] = rec[name]
+    return out
+
+
+class _Originals(Sequence):
+    """The kept replies' own ArrayRecords, built only when a rule needs them (the FedAvg fast
+    path reads the decoded views instead)."""
+
+    def __init__(self, updates: Sequence[Update], layout: Layout):
+        self.updates, self.layout = updates, layout
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def __getitem__(self, i):
+        return _arrayrecord(self.updates[i], self.layout)
 
 
 def _one(what: str, a, b):

@@ -24,14 +24,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .workers import map_ordered
+
 
 @dataclass(frozen=True)
 class TrustDecision:
+    """``workspace`` (never recorded): the flat float32 deltas ``flat(local) - flat(global)`` the
+    stage already computed, by identity key, lent to :func:`apply_decision` so that it does not
+    compute them again. They must be exactly those values (the auditor, who has no workspace,
+    recomputes them; a stage that lends wrong ones makes the audit fail). ``apply_decision``
+    consumes them: a clipped update is written over its delta, in place."""
+
     scores: dict[str, float]                       # identity key -> score (client mean = 1)
     excluded: tuple[str, ...] = ()                 # identity keys left out this round
     clip_norm: float | None = None                 # L2 limit of kept deltas (None: no clipping)
     reweight: bool = False                         # weight = score x num-examples
     record: dict = field(default_factory=dict)     # what else the stage wants on the record
+    workspace: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         """The canonical, JSON-ready form recorded in the round document (and hashed)."""
@@ -77,26 +86,35 @@ def unflat(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.n
 def apply_decision(entries: Sequence[tuple[str, Mapping[str, np.ndarray], int]],
                    global_arrays: Mapping[str, np.ndarray],
                    decision: TrustDecision | None) -> list[Contribution]:
-    """``entries``: (identity key, arrays, num-examples) in record order -> what gets aggregated."""
+    """``entries``: (identity key, arrays, num-examples) in record order -> what gets aggregated.
+
+    Clipping per kept entry, in float32: ``d = flat(arrays) - flat(global)`` (or the decision's
+    workspace row, the same values), ``norm = np.linalg.norm(d)``; when ``norm > clip_norm`` the
+    update becomes ``flat(global) + d * float32(clip_norm / norm)``. Entries are clipped on the
+    tensor thread pool; each one's arithmetic does not depend on that.
+    """
     if decision is None:
         return [Contribution(k, a, float(n)) for k, a, n in entries]
     names = list(global_arrays)
     excluded = set(decision.excluded)
-    g = flat(global_arrays, names) if decision.clip_norm is not None else None
-    out = []
-    for key, arrays, n in entries:
-        if key in excluded:
-            continue
-        weight = float(decision.scores.get(key, 0.0)) * float(n) if decision.reweight else float(n)
-        if g is None:
-            out.append(Contribution(key, arrays, weight))
-            continue
-        delta = flat(arrays, names) - g
+    kept = [(k, a, n) for k, a, n in entries if k not in excluded]
+    weights = [float(decision.scores.get(k, 0.0)) * float(n) if decision.reweight else float(n) for k, _, n in kept]
+    if decision.clip_norm is None:
+        return [Contribution(k, a, w) for (k, a, _), w in zip(kept, weights)]
+    g = flat(global_arrays, names)
+    workspace = decision.workspace if decision.workspace is not None else {}
+    limit = float(decision.clip_norm)
+
+    def clip(entry) -> Contribution:
+        (key, arrays, _), weight = entry
+        delta = workspace.pop(key, None)
+        if delta is None:
+            delta = flat(arrays, names) - g
         norm = float(np.linalg.norm(delta))
-        limit = float(decision.clip_norm)
         if norm <= limit or norm == 0.0:
-            out.append(Contribution(key, arrays, weight))
-            continue
-        delta *= np.float32(limit / norm)
-        out.append(Contribution(key, unflat(g + delta, global_arrays), weight, changed=True))
-    return out
+            return Contribution(key, arrays, weight)
+        np.multiply(delta, np.float32(limit / norm), out=delta)
+        np.add(delta, g, out=delta)  # = g + scaled delta (IEEE addition commutes)
+        return Contribution(key, unflat(delta, global_arrays), weight, changed=True)
+
+    return map_ordered(clip, list(zip(kept, weights)))

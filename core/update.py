@@ -16,20 +16,24 @@ built here, in one pass, *before* any library touches the reply. A reply is acce
 - **one reply per node**: a later valid reply of a node id that already has one is rejected.
 
 Decoding is zero-copy: each tensor is a read-only ``np.frombuffer`` view into the bytes that
-arrived (no ``np.load`` copy), and finiteness is checked with one reduction per tensor (a sum
-is finite only if every value is), falling back to an element-wise check only when that sum
-overflows.
+arrived (no ``np.load`` copy; npy headers are parsed once per distinct header, not per tensor),
+and finiteness is checked with one reduction per tensor (a sum is finite only if every value
+is), falling back to an element-wise check only when that sum overflows. Those reductions, the
+one pass over every received value, run on a few threads (``core.workers``).
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+
+from .workers import map_ordered
 
 NUMPY_STYPE = "numpy.ndarray"
 NUM_EXAMPLES = "num-examples"
@@ -75,6 +79,7 @@ class Update:
     message: Message                     # the reply itself (its Arrays are valid: reused, not re-encoded)
     identity: Identity | None = None
     dropped_metrics: tuple[str, ...] = ()
+    layout: "Layout | None" = None       # the layout ``arrays`` were decoded against (exact dtypes, shapes, C order)
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +123,12 @@ class Layout:
 
 
 # ---------------------------------------------------------------------------- arrays
-def _npy_header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int]:
-    """(dtype, fortran order, shape, data offset) of npy bytes; BoundaryError if malformed."""
+def _npy_header(data) -> tuple[np.dtype, bool, tuple[int, ...], int]:
+    """(dtype, fortran order, shape, data offset) of npy bytes; BoundaryError if malformed.
+
+    Every reply of a round carries the same few headers (one per tensor layout), so parsed
+    headers are cached by their bytes: a header is parsed once per run, not once per tensor.
+    """
     if len(data) < 10 or data[:6] != _NPY_MAGIC:
         raise BoundaryError("bytes are not in npy format")
     major = data[6]
@@ -133,8 +142,23 @@ def _npy_header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int]:
         raise BoundaryError(f"unknown npy format version {major}")
     if start + hlen > len(data):
         raise BoundaryError("truncated npy header")
+    key = bytes(data[:start + hlen])
+    parsed = _HEADERS.get(key)
+    if parsed is None:
+        parsed = _parse_header(key[start:], major, start + hlen)
+        if len(_HEADERS) >= _HEADER_CACHE_SIZE:
+            _HEADERS.clear()
+        _HEADERS[key] = parsed
+    return parsed
+
+
+_HEADERS: dict[bytes, tuple[np.dtype, bool, tuple[int, ...], int]] = {}
+_HEADER_CACHE_SIZE = 4096
+
+
+def _parse_header(raw: bytes, major: int, offset: int) -> tuple[np.dtype, bool, tuple[int, ...], int]:
     try:
-        header = ast.literal_eval(data[start:start + hlen].decode("latin1" if major < 3 else "utf8"))
+        header = ast.literal_eval(raw.decode("latin1" if major < 3 else "utf8"))
         descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
         if isinstance(descr, list):
             raise BoundaryError("structured dtype")
@@ -146,11 +170,16 @@ def _npy_header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int]:
         raise BoundaryError("malformed npy header") from None
     if any(s < 0 for s in shape):
         raise BoundaryError("negative dimension in npy header")
-    return dtype, bool(fortran), shape, start + hlen
+    return dtype, bool(fortran), shape, offset
 
 
-def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A read-only view of ``array``'s values, or BoundaryError naming what is wrong."""
+def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype, *, check_finite: bool = True
+                 ) -> np.ndarray:
+    """A read-only view of ``array``'s values, or BoundaryError naming what is wrong.
+
+    ``check_finite=False`` leaves the finiteness check to the caller (``decode_replies`` runs
+    those reductions on several threads once the structure of every reply is known).
+    """
     if not isinstance(array, Array):
         raise BoundaryError(f"{name}: not a Flower Array")
     if array.stype != NUMPY_STYPE:
@@ -158,54 +187,103 @@ def decode_array(name: str, array, shape: tuple[int, ...], dtype: np.dtype) -> n
     data = array.data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BoundaryError(f"{name}: array data is not bytes")
-    got_dtype, fortran, got_shape, offset = _npy_header(bytes(data[:4096]) if len(data) > 4096 else bytes(data))
+    got_dtype, fortran, got_shape, offset = _npy_header(data)
     if got_dtype != dtype:
         raise BoundaryError(f"{name}: dtype {got_dtype.str} is not the adapter's {dtype.str}")
     if got_shape != tuple(shape):
         raise BoundaryError(f"{name}: shape {got_shape} != {tuple(shape)}")
     if fortran and len(shape) > 1:
         raise BoundaryError(f"{name}: Fortran-ordered array")
-    if str(array.dtype) != str(dtype) or tuple(array.shape) != tuple(shape):
+    if array.dtype != _dtype_name(dtype) or tuple(array.shape) != got_shape:
         raise BoundaryError(f"{name}: declared {array.dtype}{tuple(array.shape)} differs from its bytes")
     count = math.prod(shape)
     if len(data) != offset + count * dtype.itemsize:
         raise BoundaryError(f"{name}: {len(data) - offset} data bytes, expected {count * dtype.itemsize}")
     view = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    if dtype.kind in "fc" and not _all_finite(view):
+    if check_finite and not all_finite(view):
         raise BoundaryError(f"{name}: NaN/Inf values")
     return view
 
 
-def _all_finite(view: np.ndarray) -> bool:
-    if view.size == 0:
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)`` (what a Flower Array declares), cached: numpy's ``__str__`` is slow."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def all_finite(view: np.ndarray) -> bool:
+    """Whether every value is finite: one sum (finite only if every value is), falling back to an
+    element-wise check only when that sum is not finite (it may overflow with finite values)."""
+    if view.dtype.kind not in "fc" or view.size == 0:
         return True
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.add.reduce(view, axis=None)
     if np.isfinite(total):
         return True
-    return bool(np.isfinite(view).all())  # the sum may overflow with finite values
+    return bool(np.isfinite(view).all())
 
 
-def decode_arrayrecord(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
+def first_non_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first tensor with a NaN/Inf value, or None."""
+    return next((name for name, v in arrays.items() if not all_finite(v)), None)
+
+
+def decode_arrayrecord(record: ArrayRecord, layout: Layout, *, check_finite: bool = True) -> dict[str, np.ndarray]:
     """Every tensor of ``record``, validated against ``layout``, in the layout's order."""
-    names = list(record.keys())
-    if set(names) != set(layout.specs):
+    if len(record) != len(layout.specs) or any(name not in layout.specs for name in record):
+        names = list(record.keys())
         missing = sorted(set(layout.specs) - set(names))
         extra = sorted(set(names) - set(layout.specs))
         raise BoundaryError(f"wrong tensor names (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
-    return {name: decode_array(name, record[name], shape, dtype) for name, (shape, dtype) in layout.specs.items()}
+    return {name: decode_array(name, record[name], shape, dtype, check_finite=check_finite)
+            for name, (shape, dtype) in layout.specs.items()}
 
 
 def decode_global(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The server's own global adapter (trusted, so not checked against a layout): one decode."""
     out = {}
     for name, array in record.items():
-        dtype, _, shape, offset = _npy_header(bytes(array.data[:4096]))
         if array.stype != NUMPY_STYPE:
             raise BoundaryError(f"global adapter tensor {name} is not numpy-serialised")
+        dtype, _, shape, offset = _npy_header(array.data)
         out[name] = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
     return out
+
+
+def encode_array(value: np.ndarray) -> Array:
+    """``Array(np.ascontiguousarray(value))`` byte for byte (npy, as Flower writes it), without
+    ``np.save``'s stream (the header is built once per dtype and shape)."""
+    v = np.ascontiguousarray(value)
+    if v.dtype.hasobject:
+        raise BoundaryError("cannot encode an object array (npy without pickle)")
+    key = (v.dtype.str, v.shape)
+    header = _ENCODED_HEADERS.get(key)
+    if header is None:
+        header = _ENCODED_HEADERS[key] = _npy_header_bytes(v)
+    data = header + v.tobytes()
+    return Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype=NUMPY_STYPE, data=data)
+
+
+_ENCODED_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _npy_header_bytes(v: np.ndarray) -> bytes:
+    from numpy.lib import format as npy_format
+
+    meta = npy_format.header_data_from_array_1_0(v)
+    buf = io.BytesIO()
+    try:
+        npy_format.write_array_header_1_0(buf, meta)
+    except ValueError:  # a header too long for version 1.0, as np.save does
+        buf = io.BytesIO()
+        npy_format.write_array_header_2_0(buf, meta)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -236,7 +314,7 @@ def scalar_metrics(record) -> tuple[dict[str, float], tuple[str, ...]]:
 
 # ---------------------------------------------------------------------------- replies
 def decode_reply(msg: Message, layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
-                 audit_key: str = AUDIT_KEY) -> Update:
+                 audit_key: str = AUDIT_KEY, *, check_finite: bool = True) -> Update:
     """One train reply -> ``Update``; raises BoundaryError with the rejection reason."""
     if msg.has_error():
         raise BoundaryError(f"client error: {msg.error.reason}")
@@ -251,32 +329,40 @@ def decode_reply(msg: Message, layout: Layout, max_examples: int, weight_key: st
     if weight_key not in record:
         raise BoundaryError(f"no '{weight_key}' metric")
     n = whole_number(record[weight_key], f"'{weight_key}'", max_examples)
-    decoded = decode_arrayrecord(arrays[0][1], layout)
+    decoded = decode_arrayrecord(arrays[0][1], layout, check_finite=check_finite)
     kept, dropped = scalar_metrics(record)
     kept.pop(weight_key, None)
     audit = content.config_records.get(audit_key)
     return Update(node_id=int(msg.metadata.src_node_id), arrays=decoded, num_examples=n, metrics=kept,
-                  audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped)
+                  audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped,
+                  layout=layout)
 
 
 def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
                    audit_key: str = AUDIT_KEY) -> tuple[list[Update], list[Rejected]]:
-    """Decode every reply once. Keeps the first valid reply per node id; the rest are rejected."""
-    updates: list[Update] = []
+    """Decode every reply once. Keeps the first valid reply per node id; the rest are rejected.
+
+    The structure of every reply is checked first; then the finiteness reductions (the only
+    pass over all received values) run on the tensor thread pool (``core.workers``).
+    """
+    candidates: list[Update] = []
     rejected: list[Rejected] = []
-    seen: set[int] = set()
     for msg in replies:
-        node = _node_id(msg)
         try:
-            update = decode_reply(msg, layout, max_examples, weight_key, audit_key)
+            candidates.append(decode_reply(msg, layout, max_examples, weight_key, audit_key, check_finite=False))
         except BoundaryError as exc:
-            rejected.append(Rejected(node, str(exc)))
-            continue
-        if update.node_id in seen:
-            rejected.append(Rejected(node, "a second reply from this node in the same round"))
-            continue
-        seen.add(update.node_id)
-        updates.append(update)
+            rejected.append(Rejected(_node_id(msg), str(exc)))
+    bad_tensor = map_ordered(lambda u: first_non_finite(u.arrays), candidates)
+    updates: list[Update] = []
+    seen: set[int] = set()
+    for update, bad in zip(candidates, bad_tensor, strict=True):
+        if bad is not None:
+            rejected.append(Rejected(update.node_id, f"{bad}: NaN/Inf values"))
+        elif update.node_id in seen:
+            rejected.append(Rejected(update.node_id, "a second reply from this node in the same round"))
+        else:
+            seen.add(update.node_id)
+            updates.append(update)
     return updates, rejected
 
 

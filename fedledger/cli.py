@@ -2,8 +2,11 @@
 
     fedledger run     [--run-config "k=v ..."] [--num-supernodes N]   a flwr simulation, checked and cleaned up
                       [--quiet | --verbose]                          warnings only / everything flwr streams
+                      [--resume RUN_FOLDER]                          continue a run after its last completed round
     fedledger audit   ...                                              re-hash and verify a run's ledger history
     fedledger devnet  start|stop|status                                the local anvil devnet
+    fedledger report  RUN_DIR                                          HTML page + PNG plots of a run
+    fedledger bench   SUITE... [--quick]                               the benchmarks of bench/ (chain, trust, ...)
 
 Errors in user input print one line (``fedledger: error: ...``) and exit with status 2; the
 settings are checked before any process starts. ``.venv/bin/fedledger`` works without an
@@ -21,6 +24,7 @@ import sys
 from . import logs
 from .config import ConfigError, Settings, parse_run_config_string, pyproject_defaults
 from .flwr_runner import MODE_LEVELS, run_simulation
+from .progress import LiveRound
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -38,10 +42,10 @@ def _latest_run_folder(run_dir: str) -> str | None:
 
 def cmd_run(args) -> int:
     mode = _output_mode(args)
-    app_dir = os.path.abspath(args.app)
+    app_dir = _app_dir(args.app, mode)
     try:
         logs.configure(None if mode == "default" else MODE_LEVELS[mode])
-        settings, overrides = _checked_settings(app_dir, args)
+        settings, overrides = _checked_settings(app_dir, args, _resumed_run_config(args.resume))
     except (ConfigError, ValueError) as exc:  # ValueError: a bad $FEDLEDGER_LOG_LEVEL
         return _fail(str(exc))
     except FileNotFoundError:
@@ -60,8 +64,9 @@ def cmd_run(args) -> int:
             print(f"fedledger: {ledger_note}")
     run_config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
     before = _latest_run_folder(run_dir)
-    outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
-                             timeout=args.timeout, mode=mode)
+    with LiveRound(enabled=mode != "quiet") as live:  # one live line per round; --quiet: none
+        outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
+                                 timeout=args.timeout, mode=mode, progress=live.feed if mode != "quiet" else None)
     folder = _latest_run_folder(run_dir)
     print(f"\nfedledger: run {outcome.run_id} status {outcome.status}")
     if not outcome.ok:
@@ -70,23 +75,67 @@ def cmd_run(args) -> int:
         if errors:
             print(errors[0], file=sys.stderr)
         return 1
-    if folder and folder != before:
+    if folder and (folder != before or args.resume):
         print(f"fedledger: results in {folder}")
         _print_summary(folder)
+        code = 0
         if settings.audit.ledger != "none" and not args.no_audit:
             from fedledger.cli_chain import audit_run_folder
 
-            return audit_run_folder(folder)
+            code = audit_run_folder(folder)
+        _print_report(folder, audit=not args.no_audit)
+        return code
     return 0
+
+
+def _print_report(folder: str, audit: bool) -> None:
+    """The run's HTML report (fedledger.report); a report that fails does not fail the run."""
+    from .report import build_report
+
+    try:
+        report = build_report(folder, audit=audit)
+    except Exception as exc:  # the run's results are written: say so, in one line
+        print(f"fedledger: warning: could not write the report ({type(exc).__name__}: {exc}); "
+              f"try: fedledger report {folder}", file=sys.stderr)
+        return
+    print(f"fedledger: report {report.html}")
+
+
+def _app_dir(app: str | None, mode: str) -> str:
+    """--app, else the current folder, else (no pyproject.toml here) the installed package's app."""
+    if app is not None or os.path.exists("pyproject.toml"):
+        return os.path.abspath(app or ".")
+    from .app_folder import APP_FOLDER, write_app
+
+    folder = write_app(APP_FOLDER)
+    if mode != "quiet":
+        print(f"fedledger: no pyproject.toml here: running the installed fedledger app ({folder})")
+    return folder
 
 
 def _output_mode(args) -> str:
     return "quiet" if args.quiet else "verbose" if args.verbose else "default"
 
 
-def _checked_settings(app_dir: str, args) -> tuple[Settings, dict]:
-    """Typed settings for defaults + overrides, checked against the node count, before anything starts."""
-    overrides = parse_run_config_string(args.run_config or "")
+def _resumed_run_config(folder: str | None) -> dict:
+    """The run-config of the run in ``folder`` (its checkpoint) plus ``resume=<folder>``; {} for a new run."""
+    if not folder:
+        return {}
+    from fedledger.core.checkpoint import Checkpoint, CheckpointError
+
+    path = os.path.abspath(folder)
+    try:
+        state = Checkpoint(path).load()
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume {folder}: {exc}") from None
+    print(f"fedledger: resuming {path} after round {state['round']}")
+    return {**state["extra"].get("run-config", {}), "resume": path}
+
+
+def _checked_settings(app_dir: str, args, base: dict | None = None) -> tuple[Settings, dict]:
+    """Typed settings for defaults + overrides, checked against the node count, before anything starts.
+    ``base``: a resumed run's own run-config, under the command line's overrides."""
+    overrides = {**(base or {}), **parse_run_config_string(args.run_config or "")}
     defaults = pyproject_defaults(app_dir)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
@@ -150,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a Flower simulation of the app and check its real status")
-    run.add_argument("--app", default=".", help="app folder holding pyproject.toml (default: .)")
+    run.add_argument("--app", default=None, help="app folder holding pyproject.toml (default: ., or the installed "
+                     "package's app where . has none)")
     run.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 model=\'tiny\'"')
     run.add_argument("--num-supernodes", type=int, default=4)
     run.add_argument("--cpus-per-client", type=float, default=1)
@@ -158,14 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run (default: ./.flwr)")
     run.add_argument("--timeout", type=float, default=3 * 3600)
     run.add_argument("--no-audit", action="store_true", help="skip the audit at the end of an audited run")
+    run.add_argument("--resume", default=None, metavar="RUN_FOLDER", help="continue the run of RUN_FOLDER after its "
+                     "last completed round, with its settings and its run id on the ledger (--run-config may raise "
+                     "num-rounds); pass the same --num-supernodes")
     output = run.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", help="only warnings, errors and the final result lines")
     output.add_argument("--verbose", action="store_true",
                         help="everything flwr streams (Flower's INFO lines, library warnings) and fedledger's DEBUG lines")
     run.set_defaults(func=cmd_run)
     from .cli_chain import add_chain_commands
+    from .bench_cli import add_bench_command
+    from .report import add_report_command
 
     add_chain_commands(sub)
+    add_report_command(sub)
+    add_bench_command(sub)
     return parser
 
 

@@ -69,6 +69,7 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
     data_attack = attack != "none" and _attacks().is_data_attack(attack)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0)) if "config" in msg.content else 0.0
 
+    train_lib.reset_peak_rss()  # peak-rss-mb is this round's peak, not the process's
     model_lib.set_adapter(task.model, global_adapter)
     examples = task.examples("partition", pid, poisoned=attack if data_attack else None)
     seed = int(np.random.SeedSequence([settings.run.seed, pid, server_round]).generate_state(1)[0])
@@ -89,6 +90,7 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
         "flops": task.cost.train(stats["train-tokens"], int(round(seq_len))),
         "peak-rss-mb": train_lib.peak_rss_mb(),
     }
+    train_lib.release_memory()  # what training freed goes back to the system before the next round
     return local, metrics
 
 
@@ -104,17 +106,6 @@ def signing_key(context: Context) -> NodeKey | None:
     if Settings.cached(context.run_config).audit.ledger == "none":
         return None
     return node_key(context)
-
-
-def _audit_record(context: Context, arrays: dict, server_round: int) -> ConfigRecord | None:
-    """The node's signed record of ``arrays`` for a reply ``audit_mod`` does not sign (KD's logit
-    replies are queries) or signs the same way (split's round-end adapter); None when unaudited."""
-    key = signing_key(context)
-    if key is None:
-        return None
-    from fedledger.chain import signing
-
-    return ConfigRecord(signing.audit_record(arrays, context.run_id, server_round, key.account))
 
 
 @app.train()
@@ -146,8 +137,8 @@ def _register_peer_handlers() -> None:
 def _register_framework_handlers() -> None:
     from fedledger import client_kd, client_split
 
-    client_kd.register(app, train_local, _audit_record)
-    client_split.register(app, _audit_record)
+    client_kd.register(app, train_local)
+    client_split.register(app)
 
 
 identity.register(app, signing_key, key_errors=(SigningKeyError,))

@@ -6,7 +6,9 @@
                       reply carries metrics only: no parameter leaves the node
     query.kd_logits   top-k logits of the node's adapter at the answer positions of the public
                       examples the server named (``core.softlabels`` describes the reply); signed
-                      when the run is audited
+                      when the run is audited: the EIP-712 commitment of an adapter update, over
+                      this reply's arrays, the global adapter this round's train.kd carried and
+                      the node's example count (``chain.mods.sign_framework``)
     train.kd_distill  (variant client) distil the aggregated soft labels into the node's adapter;
                       soft labels that fail the boundary check are not used (reply ``rejected``)
     query.kd_evaluate (variant client) held-out loss / perplexity / accuracy / exact match of the
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedledger.chain import mods
 from fedledger.clients import distill
 from fedledger.clients import model as model_lib
 from fedledger.clients import train as train_lib
@@ -37,6 +40,7 @@ from .task import get_task
 log = logging.getLogger("fedledger")
 
 ADAPTER_KEY = "kd.adapter"
+GLOBAL_KEY = "kd.global"      # round and hash of the global adapter the last train.kd carried
 
 
 def _task(context: Context):
@@ -59,7 +63,20 @@ def _costs(start: float, flops: float) -> dict:
     return {"compute-seconds": time.perf_counter() - start, "flops": float(flops), "peak-rss-mb": train_lib.peak_rss_mb()}
 
 
+def _received_global(context: Context, server_round: int) -> str | None:
+    """The hash of the global adapter this node received with round ``server_round``'s train.kd."""
+    rec = context.state.config_records.get(GLOBAL_KEY)
+    if rec is None or int(rec["round"]) != int(server_round):
+        return None
+    return str(rec["global-hash"])
+
+
 def handle_train(msg: Message, context: Context, train_local) -> Message:
+    if "arrays" in msg.content.array_records:   # audit_mod checked the chain for this global before we train
+        from fedledger.chain.hashing import update_hash
+
+        context.state[GLOBAL_KEY] = ConfigRecord({"round": int(_config(msg).get("server-round", 0)),
+                                                  "global-hash": update_hash(msg.content["arrays"])})
     adapter = decode_global(msg.content["arrays"]) if "arrays" in msg.content.array_records else _own_adapter(context)
     shim = SimpleNamespace(content=RecordDict({"arrays": to_record(adapter), "config": _config(msg)}),
                            metadata=msg.metadata)
@@ -69,7 +86,7 @@ def handle_train(msg: Message, context: Context, train_local) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(keep)}), reply_to=msg)
 
 
-def handle_logits(msg: Message, context: Context, sign) -> Message:
+def handle_logits(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     settings, task, pid = _task(context)
     cfg = _config(msg)
@@ -82,7 +99,10 @@ def handle_logits(msg: Message, context: Context, sign) -> Message:
     metrics = {"num-examples": len(task.splits["partitions"][pid]),
                **_costs(start, task.cost.forward(tokens, int(round(seq))))}
     content = RecordDict({"logits": to_record(arrays), "metrics": MetricRecord(metrics)})
-    audit = sign(context, arrays, int(cfg.get("server-round", 0)))
+    # the same EIP-712 commitment as an adapter update: update hash = this reply's arrays, global hash =
+    # the adapter this round's train.kd carried, num-examples = the soft labels' weight (signed)
+    audit = mods.sign_framework(msg, context, arrays, _received_global(context, int(cfg.get("server-round", 0))),
+                                metrics["num-examples"])
     if audit is not None:
         content["audit"] = audit
     return Message(content, reply_to=msg)
@@ -119,10 +139,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result.items()})}), reply_to=msg)
 
 
-def register(app, train_local, sign) -> None:
+def register(app, train_local) -> None:
     """Add the KD handlers to ``app``. ``train_local(msg, context) -> (adapter, metrics)`` trains from
-    ``msg.content["arrays"]``; ``sign(context, arrays, round) -> ConfigRecord | None`` is the node's
-    audit record (None when the run is not audited)."""
+    ``msg.content["arrays"]``. The app's ``audit_mod`` checks the chain before ``train.kd``; the
+    logit reply is signed here (``chain.mods.sign_framework``)."""
 
     @app.train("kd")
     def _train(msg: Message, context: Context) -> Message:
@@ -130,7 +150,7 @@ def register(app, train_local, sign) -> None:
 
     @app.query("kd_logits")
     def _logits(msg: Message, context: Context) -> Message:
-        return handle_logits(msg, context, sign)
+        return handle_logits(msg, context)
 
     @app.train("kd_distill")
     def _distil(msg: Message, context: Context) -> Message:

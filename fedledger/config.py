@@ -100,6 +100,12 @@ def address_or_empty(v) -> str | None:
     return None if v == "" or _ADDRESS.fullmatch(v) else ': must be "" (deploy a new registry) or a 0x + 40 hex digit address'
 
 
+def enrolment(v) -> str | None:
+    ok = v in ("simulation", "none") or (bool(v.strip()) and all(_ADDRESS.fullmatch(a.strip())
+                                                                 for a in v.split(",") if a.strip()))
+    return None if ok else ': must be "simulation", "none" or a comma-separated list of 0x addresses'
+
+
 def node_url(v) -> str | None:
     url = urlparse(v)
     ok = url.scheme in _URL_SCHEMES and bool(url.netloc)
@@ -267,6 +273,9 @@ class ModelSettings(_Group):
     lora_dropout: float = setting("lora-dropout", 0.05, "dropout on the LoRA input", within(0, 1, "[)"))
     lora_targets: tuple[str, ...] = setting("lora-targets", ("q_proj", "k_proj", "v_proj", "o_proj"),
                                             "comma-separated module names that get an adapter", module_names)
+    activation_checkpointing: int = setting("activation-checkpointing", 0, "recompute every n-th decoder layer's "
+                                            "activations in the backward pass instead of keeping them (memory for "
+                                            "compute); 0 = off, 1 = every layer", at_least(0))
 
     def cache_dir(self) -> str | None:
         return os.path.expanduser(self.cache) if self.cache else None
@@ -299,6 +308,17 @@ class TrainSettings(_Group):
 
 
 @dataclass(frozen=True)
+class EvalSettings(_Group):
+    """The server's central evaluation of the global adapter on the held-out split."""
+
+    sample: int = setting("eval-sample", 64, "held-out examples the server evaluates after each round (one fixed, "
+                          "seeded sample); the whole split is evaluated after the last round; 0 = the whole split "
+                          "every round", at_least(0))
+    overlap: bool = setting("eval-overlap", False, "evaluate each round in the background, beside the next round's "
+                            "training (the server is idle then); the last round is always waited for")
+
+
+@dataclass(frozen=True)
 class StrategySettings(_Group):
     """The aggregation rule (hub strategies) or the serverless exchange."""
 
@@ -308,6 +328,12 @@ class StrategySettings(_Group):
                                     within(0, 1, "(]"))
     fraction_evaluate: float = setting("fraction-evaluate", 0.0, "share of nodes sampled to evaluate each round",
                                        within(0, 1, "[]"))
+    min_train_nodes: int = setting("min-train-nodes", 1, "hub strategies: fewest nodes a round samples to train",
+                                   at_least(1))
+    min_available_nodes: int = setting("min-available-nodes", 0, "hub strategies: nodes that must be connected "
+                                       "before a round starts (Flower waits for them); 0 = every node of the run's "
+                                       "start (a dropout then stalls the round: set fewer to go on without it)",
+                                       at_least(0))
     num_malicious: int = setting("num-malicious", -1, "f for Krum/MultiKrum/Bulyan; -1 = the number of malicious ids",
                                  at_least(-1))
     proximal_mu: float = setting("proximal-mu", 0.01, "FedProx proximal term", at_least(0))
@@ -396,6 +422,12 @@ class AuditSettings(_Group):
     chain_id: int = setting("chain-id", 0, "expected chain id; 0 = whatever the node reports (recorded)", at_least(0))
     aggregator_key_file: str = setting("aggregator-key-file", "", 'the server\'s signing key; "" = '
                                        "$FEDLEDGER_AGGREGATOR_KEY, else the node's first unlocked account (devnets)")
+    admin_key_file: str = setting("admin-key-file", "", 'the registry admin\'s key (enrols clients); "" = '
+                                  "$FEDLEDGER_ADMIN_KEY, else the node's second unlocked account (devnets)")
+    enrol: str = setting("enrol", "simulation", 'who the admin enrols at run start: "simulation", "none" or 0x '
+                         "addresses", enrolment)
+    ledger_wait: float = setting("ledger-wait", 120.0, "seconds the run waits for a chain node that does not answer "
+                                 "(visible back-off), then stops in one line", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -413,6 +445,8 @@ class RunSettings(_Group):
 
     run_dir: str = setting("run-dir", "runs", "folder for each run's results", non_empty)
     seed: int = setting("seed", 42, "seed of model init, data splits and training")
+    resume: str = setting("resume", "", 'a run folder to continue after its last completed round (its checkpoint); '
+                          '"" = a new run')
 
 
 # ---------------------------------------------------------------------- the whole run
@@ -423,6 +457,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)
@@ -440,6 +475,7 @@ class Settings:
         self._check_audit()
         self._check_trust()
         self._check_frameworks()
+        self._check_resume()
 
     # ------------------------------------------------------------------ combinations
     def _check_attack(self) -> None:
@@ -456,6 +492,16 @@ class Settings:
             raise ConfigError(f"run-config audit={self.audit.ledger!r}: audit is not available with "
                               f"strategy={self.strategy.name!r}: the relay has no aggregate to record; use a hub "
                               "strategy (fedavg, krum, ...) or audit='none'", "audit")
+
+    def _check_resume(self) -> None:
+        if self.run.resume and self.strategy.name in FRAMEWORK_STRATEGIES:
+            raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
+                              "(its runner keeps no checkpoint: the next global / server part and the public-batch "
+                              "schedule are not saved); start the run again, or use a hub strategy", "resume")
+        if self.run.resume and self.serverless:
+            raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
+                              "(the peers' models live in their own node state, lost with a simulation); start the "
+                              "run again, or use a hub strategy", "resume")
 
     def _check_trust(self) -> None:
         t = self.trust
@@ -480,6 +526,14 @@ class Settings:
         if a.name != "none" and not _is_data_attack(a.name):
             raise ConfigError(f"run-config attack={a.name!r} changes an adapter update; with strategy={name!r} use a "
                               "data attack (label-shuffle, label-corrupt, data-poison) or attack='none'", "attack")
+        if name == "kd" and self.kd.variant == "client" and self.audit.ledger != "none":
+            raise ConfigError(f"run-config audit={self.audit.ledger!r} is not available with kd-variant='client': there "
+                              "is no global model for the clients to sign and check on chain (each keeps its own "
+                              "adapter); use kd-variant='server' for an audited KD run, or audit='none'", "audit")
+        if self.eval.overlap:
+            raise ConfigError(f"run-config eval-overlap=true is not available with strategy={name!r}: the server's "
+                              "model also serves the runner between rounds (distillation, the split server part); "
+                              "set eval-overlap=false", "eval-overlap")
         if name == "split" and self.trust.mode == "pagerank":
             raise ConfigError("run-config trust='pagerank' is not available with strategy='split' (the server part "
                               "is shared); use strategy='kd' or a hub strategy for trust, or trust='none'", "trust")
@@ -586,9 +640,10 @@ class Settings:
         topo = self.topology.topology
         if topo not in TOPOLOGIES and not os.path.isfile(os.path.expanduser(topo)):
             raise _invalid("topology", topo, ": must be 'complete', 'geometric' or an existing JSON/edge-list file")
-        key_file = self.audit.aggregator_key_file
-        if key_file and not os.path.isfile(os.path.expanduser(key_file)):
-            raise _invalid("aggregator-key-file", key_file, ': must be "" or an existing key file')
+        for key, key_file in (("aggregator-key-file", self.audit.aggregator_key_file),
+                              ("admin-key-file", self.audit.admin_key_file)):
+            if key_file and not os.path.isfile(os.path.expanduser(key_file)):
+                raise _invalid(key, key_file, ': must be "" or an existing key file')
 
     def check_nodes(self, num_nodes: int) -> None:
         """The rules that need the number of nodes (the ServerApp calls this once it knows it)."""

@@ -215,8 +215,12 @@ def stop_local_superlink(flwr_home: str) -> list[int]:
 def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: str = "",
                    flwr_home: str = ".flwr", superlink: str | None = None, timeout: float = 3600,
                    echo: bool = True, keep_superlink: bool = False, attempts: int = 2,
-                   mode: str = "default") -> RunOutcome:
+                   mode: str = "default", progress=None) -> RunOutcome:
     """``flwr run APP [SUPERLINK] --stream`` + real status check + SuperLink clean-up.
+
+    ``progress``: a ``line -> bool`` (``fedledger.progress.LiveRound.feed``) that sees every
+    streamed line first; a line it returns True for is a progress marker and is not echoed. With
+    it, the ServerApp is asked for those markers ($FEDLEDGER_PROGRESS=1).
 
     With ``echo``, the streamed lines that :func:`keep_line` keeps for ``mode`` are printed; the
     outcome's ``log`` always holds every line. A run that never started (the local SuperLink
@@ -225,7 +229,7 @@ def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: 
     _check_mode(mode)
     for attempt in range(attempts):
         outcome = _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo,
-                            keep_superlink, mode)
+                            keep_superlink, mode, progress)
         if outcome.run_id is not None or "Error" in outcome.log:
             return outcome
         if echo:
@@ -234,9 +238,9 @@ def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: 
 
 
 def _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo, keep_superlink,
-              mode) -> RunOutcome:
+              mode, progress=None) -> RunOutcome:
     os.makedirs(flwr_home, exist_ok=True)
-    env = flwr_env(flwr_home, mode=mode)
+    env = flwr_env(flwr_home, {"FEDLEDGER_PROGRESS": "1"} if progress else None, mode=mode)
     cmd = [_flwr_bin("flwr"), "run", app_dir]
     if superlink:
         cmd.append(superlink)
@@ -251,7 +255,8 @@ def _run_once(app_dir, run_config, federation_config, flwr_home, superlink, time
     try:
         for line in proc.stdout:
             lines.append(line)
-            if shown(line) and echo:
+            marker = progress(line) if progress else False
+            if shown(line) and echo and not marker:
                 sys.stdout.write(line)
                 sys.stdout.flush()
             m = re.search(r"started run (\d+)", line)

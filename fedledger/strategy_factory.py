@@ -27,9 +27,9 @@ def _common(settings: Settings, num_nodes: int) -> dict:
     return {
         "fraction_train": s.fraction_train,
         "fraction_evaluate": s.fraction_evaluate,
-        "min_train_nodes": 1,
+        "min_train_nodes": s.min_train_nodes,
         "min_evaluate_nodes": 1 if s.fraction_evaluate > 0 else 0,
-        "min_available_nodes": max(1, num_nodes),
+        "min_available_nodes": s.min_available_nodes or max(1, num_nodes),
     }
 
 
@@ -76,7 +76,7 @@ def build_topology(settings: Settings, num_nodes: int):
 
 
 def build_pipeline(settings: Settings, num_nodes: int, *, identities: Identities, trail=None, reference_fn=None,
-                   max_examples: int | None = None) -> RoundPipeline:
+                   max_examples: int | None = None, checkpoint=None) -> RoundPipeline:
     """The hub round of a run (see the module docstring)."""
     from fedledger.strategies.accounting import HubAccounting
 
@@ -87,7 +87,8 @@ def build_pipeline(settings: Settings, num_nodes: int, *, identities: Identities
     accounting = HubAccounting(build_topology(settings, num_nodes), local_steps=settings.train.local_steps,
                                step_seconds=settings.topology.step_seconds, peer_of=peer_of)
     return RoundPipeline(build_inner(settings, num_nodes), trust=build_trust(settings, reference_fn), trail=trail,
-                         identities=identities, observers=[accounting], max_examples=max_examples)
+                         identities=identities, observers=[accounting], max_examples=max_examples,
+                         checkpoint=checkpoint)
 
 
 def build_relay(settings: Settings, num_nodes: int):

@@ -27,6 +27,7 @@ class Task:
         m, data, seed = settings.model, settings.data, settings.run.seed
         base, self.tokenizer = model_lib.load_model(m.name, m.cache_dir(), m.quantization, seed=seed)
         self.model = model_lib.add_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_targets, seed=seed)
+        model_lib.set_activation_checkpointing(self.model, m.activation_checkpointing)
         self.initial_adapter = model_lib.get_adapter(self.model)
         self.splits = data_lib.federated_splits(
             data.dataset, num_partitions, data.partitioner, seed,
@@ -88,12 +89,22 @@ class Task:
     def evaluate(self, adapter, split: str = "heldout", max_batches: int | None = None) -> dict:
         """Loss, perplexity and top-1 accuracy on ``split``; with the held-out split also
         ``exact-match`` on the held-out task set (when ``task-eval-size`` > 0)."""
-        model_lib.set_adapter(self.model, adapter)
-        examples = self.examples(split)
-        result = train_lib.evaluate(self.model, examples, self.pad_id, batch_size=16, max_batches=max_batches)
-        if split == "heldout" and self.splits["tasks"]:
-            result["exact-match"] = train_lib.exact_match(self.model, self.tokenizer, self.splits["tasks"])
+        result = self.evaluate_examples(adapter, self.examples(split), max_batches=max_batches)
+        if split == "heldout" and self.splits.get("tasks"):
+            result["exact-match"] = self.exact_match(adapter)
         return result
+
+    def exact_match(self, adapter) -> float:
+        """Share of the held-out task set that ``adapter`` answers exactly (greedy generation:
+        each step computes the last position's logits only, never batch x length x vocabulary)."""
+        model_lib.set_adapter(self.model, adapter)
+        return train_lib.exact_match(self.model, self.tokenizer, self.splits["tasks"])
+
+    def evaluate_examples(self, adapter, examples: list[dict], max_batches: int | None = None) -> dict:
+        """Loss, perplexity and top-1 accuracy of ``adapter`` on tokenized ``examples`` (e.g. a
+        fixed sample), through the chunked loss (``clients.loss.summed_loss_and_hits``)."""
+        model_lib.set_adapter(self.model, adapter)
+        return train_lib.evaluate(self.model, examples, self.pad_id, batch_size=16, max_batches=max_batches)
 
 
 def get_task(settings: Settings, num_partitions: int) -> Task:

@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
 """Check an audited fedledger run against its chain with the Python standard library only.
 
-    python3 scripts/verify_run.py RUN_FOLDER [--rpc-url URL]
+    python3 scripts/verify_run.py RUN_FOLDER [--rpc-url URL] [--registry-address ADDRESS] [--admin ADDRESS]
 
 For someone who does not trust fedledger's code: JSON-RPC over urllib, SHA-256 from hashlib,
-and keccak-256 and secp256k1 public-key recovery written out below. It re-hashes every stored
-file in the canonical format (README, "Audit it without fedledger") and checks it against what
-the chain recorded, and recovers the signer of every signature on chain. It does NOT recompute
-aggregates (``fedledger audit`` does). Exit 0: every check passed; 1: a check failed; 2: bad input.
+and keccak-256 and secp256k1 public-key recovery written out below. The run folder is only a
+hint: the chain id is read from the node, the events from the registry's own deploy block
+(``deployBlock()``), and ``run.json`` must hash to the run record the registry holds. It
+re-hashes every stored file in the canonical format (README, "Audit it without fedledger") and
+checks it against what the chain recorded, checks that every recorded signer was enrolled by
+the registry's admin when it was recorded, recovers the signer of every EIP-712 signature on
+chain, and lists every contest (a client's proof that a round left it out) as a failure.
+Enrolment proves membership only as far as the registry's admin is honest: ``--admin`` names the
+admin you trust (a registry administered by another fails); without it the admin is printed,
+not checked. It
+does NOT recompute aggregates (``fedledger audit`` does), nor compare the registry's code with
+UpdateRegistry.sol (compile it and compare ``eth_getCode``, immutables masked).
+Exit 0: every check passed; 1: a check failed; 2: bad input.
 """
 
 import hashlib
@@ -98,9 +107,22 @@ def recover_address(digest: bytes, sig: bytes):
     return None if q is None else "0x" + keccak256(q[0].to_bytes(32, "big") + q[1].to_bytes(32, "big"))[12:].hex()
 
 
-def signer_of_update(run_id: int, rnd: int, update_hash: bytes, sig: bytes):
-    digest = keccak256(b"fedledger.update.v1" + struct.pack(">QQ", run_id, rnd) + update_hash)
-    return recover_address(keccak256(b"\x19Ethereum Signed Message:\n32" + digest), sig)
+def _word(value: int) -> bytes:
+    return int(value).to_bytes(32, "big")
+
+
+DOMAIN_TYPEHASH = keccak256(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+UPDATE_TYPEHASH = keccak256(b"Update(uint256 runId,uint256 round,bytes32 globalHash,bytes32 updateHash,uint64 numExamples)")
+
+
+def signer_of_update(chain_id: int, registry: str, run_id: int, rnd: int, global_hash: bytes, update_hash: bytes,
+                     num_examples: int, sig: bytes):
+    """The client that signed this EIP-712 commitment (lower-case address), or None."""
+    domain = keccak256(DOMAIN_TYPEHASH + keccak256(b"fedledger") + keccak256(b"2") + _word(chain_id)
+                       + bytes(12) + bytes.fromhex(registry[2:]))
+    struct_hash = keccak256(UPDATE_TYPEHASH + _word(run_id) + _word(rnd) + global_hash + update_hash
+                            + _word(num_examples))
+    return recover_address(keccak256(b"\x19\x01" + domain + struct_hash), sig)
 
 
 # ---------------------------------------------------------------- the canonical hash of a safetensors file
@@ -144,97 +166,172 @@ def rpc(url: str, method: str, params: list):
 
 
 EVENTS = {keccak256(s.encode()).hex(): s.split("(")[0] for s in (
-    "RoundOpened(uint256,uint256)", "UpdateRecorded(uint256,uint256,address,uint256,bytes32,uint64,bytes)",
-    "AggregateCommitted(uint256,uint256,bytes32,uint256,bytes32,bytes32)")}
+    "Enrolled(address)", "Revoked(address)", "RunOpened(uint256,bytes32,bytes32)",
+    "RoundOpened(uint256,uint256,bytes32)",
+    "UpdateRecorded(uint256,uint256,address,uint256,bytes32,uint64,bytes)",
+    "AggregateCommitted(uint256,uint256,bytes32,uint256,bytes32,bytes32)",
+    "Contested(uint256,uint256,address,bytes32,bytes32,uint64,bytes,address)")}
 
 
-def run_events(url: str, registry: str, run_id: int, from_block: int) -> dict:
-    """round -> {"records": [(client, hash, num_examples, signature)], "commit": (agg, n, digest, doc) | None}."""
+def view(url: str, registry: str, signature: str) -> bytes:
+    """The 32-byte answer of a no-argument view function of the registry."""
+    answer = rpc(url, "eth_call", [{"to": registry, "data": "0x" + keccak256(signature.encode())[:4].hex()}, "latest"])
+    return bytes.fromhex(answer[2:])[:32]
+
+
+def _bytes_at(data: bytes, word_index: int) -> bytes:
+    """A dynamic ``bytes`` argument whose offset is the ``word_index``-th data word."""
+    off = int.from_bytes(data[32 * word_index:32 * word_index + 32], "big")
+    return data[off + 32:off + 32 + int.from_bytes(data[off:off + 32], "big")]
+
+
+def registry_events(url: str, registry: str, run_id: int, from_block: int) -> dict:
+    """{"run": (run hash, initial global) | None, "enrolment": [(block, log index, signer, enrolled)],
+    "rounds": round -> {"global", "records": [(client, hash, n, sig, block, log index)], "commit", "contests"}}."""
     logs = rpc(url, "eth_getLogs", [{"address": registry, "fromBlock": hex(from_block), "toBlock": "latest",
-                                     "topics": [["0x" + t for t in EVENTS], "0x%064x" % run_id]}])
-    rounds = {}
+                                     "topics": [["0x" + t for t in EVENTS]]}])
+    out = {"run": None, "enrolment": [], "rounds": {}}
     for log in sorted(logs, key=lambda e: (int(e["blockNumber"], 16), int(e["logIndex"], 16))):
-        kind, rnd = EVENTS.get(log["topics"][0][2:]), int(log["topics"][2], 16)
-        data, r = bytes.fromhex(log["data"][2:]), rounds.setdefault(rnd, {"records": [], "commit": None})
+        kind, topics = EVENTS.get(log["topics"][0][2:]), log["topics"]
+        data, at = bytes.fromhex(log["data"][2:]), (int(log["blockNumber"], 16), int(log["logIndex"], 16))
         word = [data[i:i + 32] for i in range(0, len(data), 32)]
-        if kind == "UpdateRecorded":
-            off = int.from_bytes(word[3], "big")
-            sig = data[off + 32:off + 32 + int.from_bytes(data[off:off + 32], "big")]
-            r["records"].append(("0x" + log["topics"][3][-40:].lower(), word[1], int.from_bytes(word[2], "big"), sig))
+        if kind in ("Enrolled", "Revoked"):
+            out["enrolment"].append((*at, "0x" + topics[1][-40:].lower(), kind == "Enrolled"))
+            continue
+        if int(topics[1], 16) != run_id:
+            continue
+        if kind == "RunOpened":
+            out["run"] = (word[0], word[1], at)
+            continue
+        r = out["rounds"].setdefault(int(topics[2], 16), {"global": None, "records": [], "commit": None,
+                                                           "contests": []})
+        if kind == "RoundOpened":
+            r["global"] = word[0]
+        elif kind == "UpdateRecorded":
+            r["records"].append(("0x" + topics[3][-40:].lower(), word[1], int.from_bytes(word[2], "big"),
+                                 _bytes_at(data, 3), *at))
         elif kind == "AggregateCommitted":
             r["commit"] = (word[0], int.from_bytes(word[1], "big"), word[2], word[3])
-    return rounds
+        elif kind == "Contested":
+            r["contests"].append(("0x" + topics[3][-40:].lower(), word[0], word[1], int.from_bytes(word[2], "big"),
+                                  _bytes_at(data, 3)))
+    return out
+
+
+def enrolled_at(enrolment: list, block: int, log_index: int) -> set:
+    """The signers enrolled just before the event at (block, log index)."""
+    now = set()
+    for b, i, signer, enrolled in enrolment:
+        if (b, i) >= (block, log_index):
+            break
+        (now.add if enrolled else now.discard)(signer)
+    return now
 
 
 def records_digest(records) -> bytes:
     digest = bytes(32)
-    for client, h, n, _ in records:
+    for client, h, n, *_ in records:
         digest = keccak256(digest + bytes(12) + bytes.fromhex(client[2:]) + h + n.to_bytes(32, "big"))
     return digest
 
 
 # ---------------------------------------------------------------- the checks
-def verify(folder: str, rpc_url=None) -> list:
+def verify(folder: str, rpc_url=None, registry_address=None, trusted_admin=None) -> list:
     """(round, subject, ok, detail) for every check."""
     audit = folder if os.path.basename(os.path.normpath(folder)) == "audit" else os.path.join(folder, "audit")
     with open(os.path.join(audit, "run.json"), "rb") as fh:
         run_bytes = fh.read()
-    run, url = json.loads(run_bytes), rpc_url or json.loads(run_bytes).get("rpc-url")
+    run = json.loads(run_bytes)
+    url, registry = rpc_url or run.get("rpc-url"), (registry_address or run["registry-address"]).lower()
     if not url:
         raise RuntimeError("run.json names no RPC URL (an eth-tester run: its chain ended with it); pass --rpc-url")
-    chain_id = int(rpc(url, "eth_chainId", []), 16)
-    if chain_id != run["chain-id"]:
-        raise RuntimeError(f"the node at {url} is chain {chain_id}, run.json says {run['chain-id']}")
-    run_id, out = int(run["run-id"]), []
-    rounds = run_events(url, run["registry-address"], run_id, int(run.get("deploy-block", 0)))
+    chain_id, run_id, out = int(rpc(url, "eth_chainId", []), 16), int(run["run-id"]), []
+    if rpc(url, "eth_getCode", [registry, "latest"]) in ("0x", "0x0"):
+        raise RuntimeError(f"no contract at {registry} on chain {chain_id}; pass --registry-address")
+    admin, aggregator = ("0x" + view(url, registry, f"{name}()")[12:].hex() for name in ("admin", "aggregator"))
+    chain = registry_events(url, registry, run_id, int.from_bytes(view(url, registry, "deployBlock()"), "big"))
+    check = lambda rnd, subject, ok, detail: out.append((rnd, subject, bool(ok), detail))  # noqa: E731
+    print(f"registry {registry} on chain {chain_id}: admin {admin}, aggregator {aggregator}"
+          + ("" if trusted_admin else " (admin not checked: pass --admin ADDRESS to require the one you trust)"))
+    if trusted_admin:
+        check(0, "admin", admin == trusted_admin.lower(), f"the registry's admin is the one you trust ({trusted_admin})")
+    if chain["run"] is None:
+        check(0, "run.json", False, "the registry has no run record (RunOpened) of this run")
+        return out
+    run_hash, _, opened_at = chain["run"]
+    check(0, "run.json", hashlib.sha256(run_bytes).digest() == run_hash, "sha256 is the run hash recorded at openRun")
+    at_open = enrolled_at(chain["enrolment"], *opened_at)
+    for key, actual in (("chain-id", chain_id), ("registry-address", registry), ("admin", admin),
+                        ("aggregator", aggregator), ("enrolled", sorted(at_open))):
+        claimed = run.get(key)
+        claimed = sorted(a.lower() for a in claimed) if key == "enrolled" else (
+            claimed.lower() if isinstance(claimed, str) else claimed)
+        check(0, "run.json", claimed == actual, f"its {key} is the chain's")
     stored = {int(d[6:]) for d in os.listdir(audit) if d.startswith("round-")}
-    for rnd in sorted(set(rounds) | stored):
-        rdir, chain = os.path.join(audit, f"round-{rnd:04d}"), rounds.get(rnd)
-        check = lambda subject, ok, detail: out.append((rnd, subject, bool(ok), detail))  # noqa: E731
-        if chain is None or chain["commit"] is None:
-            check("round", False, "stored but not on chain" if chain is None else "opened on chain, never committed")
+    for rnd in sorted(set(chain["rounds"]) | stored):
+        rdir, r = os.path.join(audit, f"round-{rnd:04d}"), chain["rounds"].get(rnd)
+        if r is None or r["commit"] is None:
+            check(rnd, "round", False, "stored but not on chain" if r is None else "opened on chain, never committed")
             continue
-        agg, n, digest, doc_hash = chain["commit"]
-        for client, h, _, sig in chain["records"]:
+        agg, n, digest, doc_hash = r["commit"]
+        for client, h, k, sig, block, index in r["records"]:
             same = file_hash(os.path.join(rdir, "updates", client + ".safetensors")) == h
-            check(client, same, "update hash matches" if same else "stored update differs from the chain or is gone")
-            signed = signer_of_update(run_id, rnd, h, sig) == client
-            check(client, signed, "signature recovers to the client" if signed else "signature is not the client's")
-        check("records", n == len(chain["records"]) and digest == records_digest(chain["records"]),
+            check(rnd, client, same, "update hash matches" if same else "stored update differs from the chain or is gone")
+            check(rnd, client, client in enrolled_at(chain["enrolment"], block, index),
+                  "enrolled by the admin when recorded")
+            signed = signer_of_update(chain_id, registry, run_id, rnd, r["global"], h, k, sig) == client
+            check(rnd, client, signed, "EIP-712 signature recovers to the client" if signed else
+                  "signature is not the client's over (chain, registry, run, round, global, hash, count)")
+        for client, g, h, k, sig in r["contests"]:
+            proven = signer_of_update(chain_id, registry, run_id, rnd, g, h, k, sig) == client
+            check(rnd, client, False, f"DROPPED: contested on chain ({'signature verified' if proven else 'BAD signature'})"
+                                      f", update 0x{h.hex()[:12]}... is not in the committed round")
+        check(rnd, "records", n == len(r["records"]) and digest == records_digest(r["records"]),
               "committed count and records digest match the events")
         try:
             with open(os.path.join(rdir, "round.json"), "rb") as fh:
                 doc_bytes = fh.read()
         except OSError:
-            check("round.json", False, "missing")
+            check(rnd, "round.json", False, "missing")
             continue
-        check("round.json", hashlib.sha256(doc_bytes).digest() == doc_hash, "sha256 is the committed document hash")
+        if hashlib.sha256(doc_bytes).digest() != doc_hash:
+            check(rnd, "round.json", False, "sha256 is not the committed document hash")
+            continue
+        check(rnd, "round.json", True, "sha256 is the committed document hash")
         doc = json.loads(doc_bytes)
-        check("run.json", "0x" + hashlib.sha256(run_bytes).hexdigest() == doc["run-hash"], "round.json's run-hash")
+        check(rnd, "run.json", "0x" + hashlib.sha256(run_bytes).hexdigest() == doc["run-hash"], "round.json's run-hash")
         listed = [(u["client"].lower(), u["update-hash"], u["num-examples"]) for u in doc["updates"] if u["client"]]
-        check("round.json", listed == [(c, "0x" + h.hex(), k) for c, h, k, _ in chain["records"]],
+        check(rnd, "round.json", listed == [("0x" + c[2:], "0x" + h.hex(), k) for c, h, k, *_ in r["records"]],
               "lists the records on chain (clients, hashes, num-examples, order)")
         for u in (u for u in doc["updates"] if not u["client"]):
             key = f"partition-{u['partition']}" if u["partition"] is not None else f"node-{u['node-id']}"
             got = file_hash(os.path.join(rdir, "updates", key + ".safetensors"))
-            check(key, got is not None and "0x" + got.hex() == u["update-hash"],
+            check(rnd, key, got is not None and "0x" + got.hex() == u["update-hash"],
                   "UNSIGNED: bytes match round.json (nobody signed them)")
         got = file_hash(os.path.join(rdir, "global.safetensors"))
-        check("global", got is not None and "0x" + got.hex() == doc["global-hash"], "matches round.json's global-hash")
+        check(rnd, "global", got is not None and "0x" + got.hex() == doc["global-hash"] and got == r["global"],
+              "matches round.json's global-hash and the global the chain opened the round with")
         if agg != bytes(32):
-            check("aggregate", file_hash(os.path.join(rdir, "aggregate.safetensors")) == agg, "hash matches the chain")
+            check(rnd, "aggregate", file_hash(os.path.join(rdir, "aggregate.safetensors")) == agg,
+                  "hash matches the chain")
     return out
 
 
 def main(argv) -> int:
-    args = list(argv)
-    url = args.pop(args.index("--rpc-url") + 1) if "--rpc-url" in args else None
-    args = [a for a in args if a != "--rpc-url"]
+    args, hints = list(argv), {}
+    for flag in ("--rpc-url", "--registry-address", "--admin"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                print(f"verify_run: error: {flag} needs a value", file=sys.stderr)
+                return 2
+            hints[flag] = args.pop(i + 1)
+            args.pop(i)
     if len(args) != 1:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     try:
-        checks = verify(args[0], url)
+        checks = verify(args[0], hints.get("--rpc-url"), hints.get("--registry-address"), hints.get("--admin"))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"verify_run: error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedledger.core.pipeline import AuditTrail, Identities, RoundReport
+from fedledger.core.update import AUDIT_KEY, NUM_EXAMPLES
 
 from . import topology as topo_lib
 from .accounting import exchange_fields
@@ -204,8 +205,8 @@ class FrameworkRunner:
         log.info("%s: %s over %s clients", type(self).__name__, self.framework, len(peers))
         self.history, self.reports = [], {}
         self.begin(run)
-        if self.trail is not None:
-            self.trail.begin(self.describe())
+        if self.trail is not None:   # the run's initial global on chain: what round 1 sends (and clients check)
+            self.trail.begin(self.describe(), self.initial_global(), grid)
         if evaluate_fn is not None:
             evaluate_fn(0, initial_arrays)
         current: ArrayRecord | None = initial_arrays
@@ -234,6 +235,21 @@ class FrameworkRunner:
 
     def begin(self, run: RunContext) -> None:
         """Reset per-run state before the first round."""
+
+    def initial_global(self) -> Mapping[str, np.ndarray]:
+        """The global model round 1 sends (after :meth:`begin`): the run's initial global on chain."""
+        raise NotImplementedError
+
+    def instruction(self, server_round: int) -> ConfigRecord | None:
+        """The round's ``audit`` instruction (what a client signs under and checks on chain), for
+        the round's current global (:meth:`initial_global` in round 1); None when not audited."""
+        if self.trail is None:
+            return None
+        return ConfigRecord(dict(self.trail.instruction(server_round, self.current_global(), NUM_EXAMPLES)))
+
+    def current_global(self) -> Mapping[str, np.ndarray]:
+        """The global model this round sends (the chain's current global)."""
+        raise NotImplementedError
 
     def run_round(self, run: RunContext, server_round: int, tally: RoundTally) -> RoundOutcome:
         raise NotImplementedError

@@ -45,7 +45,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedledger.core import softlabels
 from fedledger.core.pipeline import RoundReport, fill_report, identify_updates, to_record, verify_updates
 from fedledger.core.trust import apply_decision
-from fedledger.core.update import decode_global
+from fedledger.core.update import AUDIT_KEY, decode_global
 
 from .framework import FrameworkRunner, RoundOutcome, RoundTally, RunContext
 
@@ -117,13 +117,20 @@ class KDRunner(FrameworkRunner):
         return tuple(int(i) for i in rng.choice(self.server.public_size, size=self.public_batch, replace=False))
 
     # ------------------------------------------------------------------ one round
+    def initial_global(self):
+        return self._global
+
+    def current_global(self):
+        return self._global
+
     def run_round(self, run: RunContext, server_round: int, tally: RoundTally) -> RoundOutcome:
         report = RoundReport(server_round)
-        trained = tally.send(self._train_contents(run, server_round), server_round, TRAIN)
+        instruction = self.instruction(server_round)   # audited: train.kd and the logit query carry it
+        trained = tally.send(self._train_contents(run, server_round, instruction), server_round, TRAIN)
         ids = self.public_ids(server_round)
         query = softlabels.LogitQuery(ids, self.server.rows(ids), self.k, self.temperature, self.server.vocab_size)
-        replies = tally.send({p: self._query_content(query, server_round) for p in sorted(trained)}, server_round,
-                             LOGITS)
+        replies = tally.send({p: self._query_content(query, server_round, instruction) for p in sorted(trained)},
+                             server_round, LOGITS)
         report.sent, report.received = len(trained), len(replies)
 
         updates, rejected = softlabels.decode_logit_replies(replies.values(), query, self.max_examples)
@@ -154,14 +161,14 @@ class KDRunner(FrameworkRunner):
             entry["distil-loss"] = _mean_metrics(distilled).get("distil-loss")
         report.record = {"framework": self.framework, "kd-variant": self.variant, "query": query.to_dict(),
                          "server-distilled": new_global is not None}
-        if self.trail is not None:  # what the next round starts from (the audit chains the rounds by it)
-            report.record["next-global-hash"] = self.trail.artifact(server_round, "next-global", self._global)
+        if self.trail is not None and soft is not None:  # the replies' aggregate, which the audit recomputes
+            report.record["soft-labels-hash"] = self.trail.artifact(server_round, "soft-labels", soft)
         if self.variant == "server":
             evaluate = to_record(self._global)
         else:
             entry["client-eval"] = self._client_evaluation(run, server_round, sorted(trained))
-        if self.trail is not None:
-            self.trail.commit(server_round, soft, report)
+        if self.trail is not None:  # the committed aggregate is the next global: the chain's current global
+            self.trail.commit(server_round, self._global, report)
         return RoundOutcome(to_record(self._global) if self.variant == "server" else None, evaluate, report, entry)
 
     def final(self, current):
@@ -171,11 +178,13 @@ class KDRunner(FrameworkRunner):
     def _seed(self, server_round: int) -> int:
         return int(np.random.SeedSequence([self.seed, server_round, 0x6B64]).generate_state(1)[0])
 
-    def _train_contents(self, run: RunContext, server_round: int) -> dict[int, RecordDict]:
+    def _train_contents(self, run: RunContext, server_round: int, instruction=None) -> dict[int, RecordDict]:
         cfg = ConfigRecord({**dict(run.train_config), "server-round": server_round, "kd-variant": self.variant})
         out = {}
         for p in run.peers:
             content = RecordDict({"config": cfg})
+            if instruction is not None:
+                content[AUDIT_KEY] = instruction
             if self.variant == "server" or p not in self._synced:
                 content["arrays"] = to_record(self._global if self.variant == "server" else self._initial)
             out[p] = content
@@ -184,11 +193,14 @@ class KDRunner(FrameworkRunner):
         return out
 
     @staticmethod
-    def _query_content(query: softlabels.LogitQuery, server_round: int) -> RecordDict:
+    def _query_content(query: softlabels.LogitQuery, server_round: int, instruction=None) -> RecordDict:
         ids = np.asarray(query.public_ids, dtype=np.int32)
-        return RecordDict({"query": ArrayRecord({softlabels.PUBLIC_IDS: Array(ids)}),
-                           "config": ConfigRecord({"server-round": server_round, "k": query.k,
-                                                   "temperature": query.temperature})})
+        content = RecordDict({"query": ArrayRecord({softlabels.PUBLIC_IDS: Array(ids)}),
+                              "config": ConfigRecord({"server-round": server_round, "k": query.k,
+                                                      "temperature": query.temperature})})
+        if instruction is not None:
+            content[AUDIT_KEY] = instruction
+        return content
 
     @staticmethod
     def _distil_content(query, soft: Mapping[str, np.ndarray], server_round: int) -> RecordDict:

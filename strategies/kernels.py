@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedledger.core.pipeline import to_record
 from fedledger.core.update import payload_nbytes
+from fedledger.core.workers import map_ordered
 
 
 def as_numpy_dict(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,6 +133,38 @@ def invalid_reason(
         if not np.all(np.isfinite(v)):
             return f"NaN/Inf values in {name}"
     return None
+
+
+def delta_matrix(adapters: Sequence[Mapping[str, np.ndarray]], names: Sequence[str], base: np.ndarray,
+                 anchor: np.ndarray | None = None, buffer: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(X, X . anchor): row i of the (N, P) float32 matrix X is ``flat(adapters[i]) - base``,
+    written in one pass straight from the adapters' tensors (no flattened copy, no second
+    subtraction pass); rows are filled on the tensor thread pool. With ``anchor`` (a flat P
+    vector), each row's dot product with it is taken tensor by tensor right after each segment is
+    written, while it is in the cache (float32 products summed in float64; None without an anchor). ``buffer``: a float32 (M, P)
+    array with M >= N to write X into (its first N rows), e.g. last round's: reusing memory that
+    is already mapped saves the page faults of a fresh N x P allocation."""
+    sizes = [int(np.size(adapters[0][n])) if adapters else 0 for n in names]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int) if sizes else np.zeros(1, int)
+    shape = (len(adapters), int(offsets[-1]))
+    if buffer is not None and buffer.dtype == np.float32 and buffer.ndim == 2 and buffer.shape[1] == shape[1] \
+            and buffer.shape[0] >= shape[0] and buffer.flags.c_contiguous:
+        x = buffer[:shape[0]]
+    else:
+        x = np.empty(shape, dtype=np.float32)
+
+    def fill(i: int) -> float | None:
+        row, arrays, dot = x[i], adapters[i], 0.0
+        for name, start, stop in zip(names, offsets[:-1], offsets[1:]):
+            segment = row[start:stop]
+            np.subtract(np.ravel(arrays[name]), base[start:stop], out=segment)
+            if anchor is not None:  # while the segment is in the cache
+                dot += float(np.dot(segment, anchor[start:stop]))
+        return None if anchor is None else dot
+
+    dots = map_ordered(fill, range(len(adapters)))
+    return x, (None if anchor is None else np.asarray(dots, dtype=np.float64))
 
 
 def gram_with_reference(vectors: np.ndarray, reference: np.ndarray | None = None):

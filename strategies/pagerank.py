@@ -61,7 +61,8 @@ from fedledger.core.pipeline import RoundPipeline
 from fedledger.core.trust import TrustDecision, flat
 from fedledger.core.update import Update
 
-from .kernels import flatten, gram_with_reference
+from . import kernels
+from .kernels import delta_matrix, flatten, gram_with_reference
 
 log = logging.getLogger("fedledger")
 
@@ -126,24 +127,37 @@ def trust_scores(
         if hist.size != n:
             raise ValueError(f"history has {hist.size} entries for {n} updates")
     pre = sorted({int(i) for i in pretrusted}) if pretrusted is not None else []
-
-    mode = anchor
-    if mode == "auto":
-        if ref is not None:
-            mode = "reference"
-        elif pre:
-            mode = "pretrusted"
-        elif hist is not None and np.any(np.isfinite(hist) & (hist > 0)):
-            mode = "history"
-        else:
-            mode = "median" if n >= 3 else "none"
+    mode = resolve_anchor(anchor, n, ref is not None, pre, hist)
     if mode == "median":
         ref = np.median(x, axis=0).astype(np.float32)
     if mode == "reference" and ref is None:
         raise ValueError("anchor='reference' needs a reference update")
-
     # --- one Gram product for every similarity --------------------------------------------
     g, xr, rr = gram_with_reference(x, ref if mode in ("reference", "median") else None)
+    return scores_from_gram(g, xr, rr, mode, hist, pre, damping=damping, norm_tol=norm_tol,
+                            history_weight=history_weight, return_details=return_details)
+
+
+def resolve_anchor(anchor: str, n: int, has_reference: bool, pretrusted: Sequence[int],
+                   history: np.ndarray | None) -> str:
+    """The anchor ``"auto"`` stands for: reference > pre-trusted > history > median (>= 3 updates)."""
+    if anchor != "auto":
+        return anchor
+    if has_reference:
+        return "reference"
+    if pretrusted:
+        return "pretrusted"
+    if history is not None and np.any(np.isfinite(history) & (history > 0)):
+        return "history"
+    return "median" if n >= 3 else "none"
+
+
+def scores_from_gram(g: np.ndarray, xr: np.ndarray | None, rr: float | None, mode: str, hist: np.ndarray | None,
+                     pre: Sequence[int], *, damping: float = 0.85, norm_tol: float = 3.0, history_weight: float = 0.3,
+                     return_details: bool = False):
+    """:func:`trust_scores` from the Gram matrix ``g`` (float64, N x N) of the deltas, their dot
+    products ``xr`` with the anchor delta and its squared norm ``rr`` (None without one)."""
+    n = g.shape[0]
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     eps = 1e-12
     cos = g / np.maximum(np.outer(norms, norms), eps)
@@ -205,7 +219,9 @@ class PageRankScorer:
     """The trust stage (``core.pipeline.TrustStage``): PageRank trust on the round's decoded updates.
 
     State: the smoothed score of every client, keyed by ``Identity.key`` (the partition the glue
-    resolved for the node, never a partition id a reply reports about itself).
+    resolved for the node, never a partition id a reply reports about itself), and the memory of
+    the (N, P) delta matrix, reused round after round (the rows lent to ``apply_decision`` as its
+    workspace are valid until the next ``decide``).
 
     Parameters
     ----------
@@ -238,6 +254,7 @@ class PageRankScorer:
         self.history_weight, self.anchor, self.clip, self.reweight = float(history_weight), anchor, bool(clip), bool(reweight)
         self.pretrusted = sorted({int(p) for p in pretrusted}) if pretrusted is not None else []
         self.state: dict[str, float] = {}
+        self._rows: np.ndarray | None = None  # the delta matrix's memory, reused round after round
 
     def describe(self) -> dict:
         return {"name": "PageRankTrust", "threshold": self.threshold, "damping": self.damping,
@@ -250,20 +267,25 @@ class PageRankScorer:
         keys = [u.identity.key for u in updates]
         names = list(global_arrays)
         g = flat(global_arrays, names)
-        x = np.empty((len(updates), g.size), dtype=np.float32)
-        for i, u in enumerate(updates):
-            offset = 0
-            for n in names:
-                v = u.arrays[n]
-                x[i, offset:offset + v.size] = np.ravel(v)
-                offset += v.size
-        x -= g[None, :]
         ref = self._reference(server_round, global_arrays)
+        anchor_delta = None if ref is None else ref - g
+        x, xr = delta_matrix([u.arrays for u in updates], names, g, anchor_delta, buffer=self._rows)
+        if self._rows is None or x.base is not self._rows:
+            self._rows = x  # keep this round's memory for the next round's matrix
         hist = np.array([self.state.get(k, np.nan) for k in keys]) if self.state else None
-        pre = [i for i, u in enumerate(updates) if u.identity.partition in self.pretrusted] or None
-        scores, det = trust_scores(x, None if ref is None else ref - g, hist, pretrusted=pre, anchor=self.anchor,
-                                   damping=self.damping, norm_tol=self.norm_tol, history_weight=self.history_weight,
-                                   return_details=True)
+        pre = [i for i, u in enumerate(updates) if u.identity.partition in self.pretrusted]
+        mode = resolve_anchor(self.anchor, len(keys), anchor_delta is not None, pre, hist)
+        if mode == "reference" and anchor_delta is None:
+            raise ValueError("anchor='reference' needs a reference update")
+        if mode == "median":  # no reference from the server: the coordinate-wise median stands in
+            anchor_delta = np.median(x, axis=0).astype(np.float32)
+            xr = (x @ anchor_delta).astype(np.float64)
+        elif mode != "reference":
+            anchor_delta, xr = None, None
+        gram = kernels.gram(x).astype(np.float64)  # the one GEMM: every pairwise similarity
+        rr = None if anchor_delta is None else float(np.dot(anchor_delta, anchor_delta))
+        scores, det = scores_from_gram(gram, xr, rr, mode, hist, pre, damping=self.damping, norm_tol=self.norm_tol,
+                                       history_weight=self.history_weight, return_details=True)
         for k, sc in zip(keys, scores):
             self.state[k] = float(sc)
         keep = scores >= self.threshold
@@ -283,7 +305,8 @@ class PageRankScorer:
             reweight=self.reweight,
             record={"anchor": det.get("anchor"),
                     "norm-ratio": {k: float(r) for k, r in zip(keys, det["norm-ratio"])},
-                    "cos-to-anchor": None if cos is None else {k: float(c) for k, c in zip(keys, cos)}})
+                    "cos-to-anchor": None if cos is None else {k: float(c) for k, c in zip(keys, cos)}},
+            workspace={k: x[i] for i, (k, ok) in enumerate(zip(keys, keep)) if ok} if clip_norm is not None else None)
 
     def _reference(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
         if self.reference_fn is None:

@@ -42,7 +42,9 @@ from fedledger.core.pipeline import (
     verify_updates,
 )
 from fedledger.core.trust import apply_decision
-from fedledger.core.update import BoundaryError, Layout, Rejected, decode_array, decode_global, decode_replies
+from fedledger.core.update import (
+    AUDIT_KEY, BoundaryError, Layout, Rejected, decode_array, decode_global, decode_replies,
+)
 
 from .framework import FrameworkRunner, RoundOutcome, RoundTally, RunContext
 
@@ -122,9 +124,16 @@ class SplitRunner(FrameworkRunner):
         self._layout = Layout.of(self._global)
         self._reply_layout = Layout({**self._layout.specs, DIGEST: ((32,), np.dtype("uint8"))})
 
+    def initial_global(self):
+        return self._global     # the client-side adapter: what round 1's first message carries
+
+    def current_global(self):
+        return self._global
+
     # ------------------------------------------------------------------ one round
     def run_round(self, run: RunContext, server_round: int, tally: RoundTally) -> RoundOutcome:
         report = RoundReport(server_round)
+        self._instruction = self.instruction(server_round)   # audited: every train.split message carries it
         active, rejected = list(run.peers), []
         digests = {p: GENESIS for p in active}
         messages = {p: 0 for p in active}
@@ -201,6 +210,8 @@ class SplitRunner(FrameworkRunner):
         cfg = {**dict(run.train_config), "server-round": server_round, "step": step, "local-steps": self.local_steps,
                "split-layer": self.split_layer, "split-dtype": self.dtype}
         content = RecordDict({"config": ConfigRecord(cfg)})
+        if getattr(self, "_instruction", None) is not None:
+            content[AUDIT_KEY] = self._instruction
         if step == 1:
             content["arrays"] = to_record(self._global)
         if grad is not None:

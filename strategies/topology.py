@@ -96,15 +96,22 @@ class Topology:
         return d["latency"] + nbytes / d["bandwidth"]
 
     def path(self, u: int, v: int, nbytes: float = 0.0) -> list[int]:
-        """Fastest path from u to v for a message of ``nbytes`` (cached per size class)."""
+        """Fastest path from u to v for a message of ``nbytes`` (one shortest-path tree per source
+        and size class, cached: a star of N transfers costs one search, not N)."""
         if u == v:
             return [u]
         if self.direct_is_fastest(nbytes):
             return [u, v]
-        key = (u, v, int(nbytes))
+        return self._tree(u, nbytes).path_to(v)
+
+    def _tree(self, source: int, nbytes: float) -> "_ShortestPaths":
+        key = ("tree", source, int(nbytes))
         if key not in self._paths:
-            self._paths[key] = nx.dijkstra_path(
-                self.graph, u, v, weight=lambda a, b, d: d["latency"] + nbytes / d["bandwidth"])
+            matrix = self._paths.get(("all", int(nbytes)))
+            if matrix is not None:  # the all-pairs search already holds this source's tree
+                self._paths[key] = matrix.row(source)
+            else:
+                self._paths[key] = _ShortestPaths.search(self, int(nbytes), [source]).row(source)
         return self._paths[key]
 
     def path_time(self, u: int, v: int, nbytes: float) -> float:
@@ -125,10 +132,10 @@ class Topology:
                 for a, b, d in self.graph.edges(data=True):
                     m[index[a], index[b]] = m[index[b], index[a]] = d["latency"] + nbytes / d["bandwidth"]
                 self._paths[key] = m
-            else:
-                w = lambda a, b, d: d["latency"] + nbytes / d["bandwidth"]  # noqa: E731
-                dist = dict(nx.all_pairs_dijkstra_path_length(self.graph, weight=w))
-                self._paths[key] = np.array([[dist[a][b] for b in nodes] for a in nodes], dtype=float)
+            else:  # one all-pairs search in C (scipy); its trees also answer path() for every source
+                found = _ShortestPaths.search(self, int(nbytes), None)
+                self._paths[("all", int(nbytes))] = found
+                self._paths[key] = found.dist
         return self._paths[key].copy()
 
     def direct_is_fastest(self, nbytes: float = 0.0) -> bool:
@@ -195,6 +202,58 @@ class Topology:
             "edges": [{"u": u, "v": v, "latency": d["latency"], "bandwidth": d["bandwidth"]}
                       for u, v, d in self.graph.edges(data=True)],
         }
+
+
+class _ShortestPaths:
+    """Fastest-path distances and predecessor trees from some sources (scipy's Dijkstra, in C).
+
+    Edge weight = ``latency + nbytes / bandwidth`` (the store-and-forward time of one hop), as
+    everywhere in this module; a zero-weight link is still a link (scipy keeps explicit zeros).
+    """
+
+    def __init__(self, nodes: list[int], dist: np.ndarray, pred: np.ndarray, sources: list[int]):
+        self.nodes, self.dist, self.pred = nodes, dist, pred
+        self.row_of = {s: i for i, s in enumerate(sources)}
+
+    @classmethod
+    def search(cls, topo: "Topology", nbytes: int, sources: list[int] | None) -> "_ShortestPaths":
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import dijkstra
+
+        nodes = topo.nodes
+        index = {v: i for i, v in enumerate(nodes)}
+        rows, cols, weights = [], [], []
+        for a, b, d in topo.graph.edges(data=True):
+            w = d["latency"] + nbytes / d["bandwidth"]
+            rows += [index[a], index[b]]
+            cols += [index[b], index[a]]
+            weights += [w, w]
+        n = len(nodes)
+        graph = csr_matrix((np.asarray(weights, dtype=float), (rows, cols)), shape=(n, n))
+        picked = nodes if sources is None else list(sources)
+        dist, pred = dijkstra(graph, directed=True, indices=[index[s] for s in picked], return_predecessors=True)
+        return cls(nodes, np.atleast_2d(dist), np.atleast_2d(pred), picked)
+
+    def row(self, source: int) -> "_Tree":
+        i = self.row_of[source]
+        return _Tree(self.nodes, source, self.pred[i])
+
+
+class _Tree:
+    """One source's shortest-path tree: ``path_to(v)`` walks the predecessors back from v."""
+
+    def __init__(self, nodes: list[int], source: int, pred: np.ndarray):
+        self.nodes, self.source, self.pred = nodes, source, pred
+        self.index = {v: i for i, v in enumerate(nodes)}
+
+    def path_to(self, target: int) -> list[int]:
+        out, i = [target], self.index[target]
+        while self.nodes[i] != self.source:
+            i = int(self.pred[i])
+            if i < 0:
+                raise TopologyError(f"no path from {self.source} to {target}")
+            out.append(self.nodes[i])
+        return out[::-1]
 
 
 # ---------------------------------------------------------------------- generators

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny model Task, Flower's task identity, a clean ``fedledger`` logger and
-cheap garbage collections. Reply builders live in ``tests/replies.py``."""
+"""Shared fixtures: a key folder for the session, a tiny model Task, Flower's task identity, a clean
+``fedledger`` logger and cheap garbage collections. Reply builders live in ``tests/replies.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _key_folder(tmp_path_factory):
+    """Simulation keys derive from a federation secret in a local key folder: one folder for the
+    session (flwr run's SuperLink and its ClientApps inherit the variable), never the repo's."""
+    saved = os.environ.get("FEDLEDGER_KEY_DIR")
+    os.environ["FEDLEDGER_KEY_DIR"] = str(tmp_path_factory.mktemp("keys"))
+    yield os.environ["FEDLEDGER_KEY_DIR"]
+    if saved is None:
+        os.environ.pop("FEDLEDGER_KEY_DIR", None)
+    else:
+        os.environ["FEDLEDGER_KEY_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +79,36 @@ def tiny_task(tiny_settings):
     from fedledger.task import get_task
 
     return get_task(tiny_settings, 1)
+
+
+@pytest.fixture(scope="session")
+def audited_attacked_run(tmp_path_factory):
+    """One real ServerApp run in-process (tiny model, 3 nodes, 2 rounds, node 2 flips signs,
+    PageRank trust, eth-tester ledger) with fedledger run's progress markers on:
+    (run folder, the fedledger log lines it printed). Shared by the report and progress tests."""
+    from flwr.app import Context, RecordDict
+
+    from fedledger import server_app
+    from fedledger.client_app import app as client_app
+    from fedledger.inprocess import InProcessGrid
+
+    cfg = {**TINY, "local-steps": 1, "trust": "pagerank", "attack": "sign-flip", "malicious": "2",
+           "audit": "eth-tester", "run-dir": str(tmp_path_factory.mktemp("audited"))}
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger, saved = logging.getLogger("fedledger"), os.environ.get("FEDLEDGER_PROGRESS")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    os.environ["FEDLEDGER_PROGRESS"] = "1"
+    try:
+        grid = InProcessGrid(client_app, 3, cfg, run_id=21, seed=3)
+        folder = server_app.run(grid, Context(run_id=21, node_id=0, node_config={}, state=RecordDict(),
+                                              run_config=cfg), settle=0.0)
+    finally:
+        logger.removeHandler(handler)
+        if saved is None:
+            os.environ.pop("FEDLEDGER_PROGRESS", None)
+        else:
+            os.environ["FEDLEDGER_PROGRESS"] = saved
+    return folder, lines

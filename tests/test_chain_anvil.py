@@ -61,7 +61,7 @@ def test_audited_run_survives_anvil_restart(anvil, tmp_path, capsys):
     folder = tmp_path / "run"
     pipeline = _run(anvil["url"], folder, Federation(run_id=RUN))
     info = pipeline.trail.info()
-    assert info["chain-id"] == 31337 and info["transactions"] == 7
+    assert info["chain-id"] == 31337 and info["transactions"] == 9   # deploy, enrol, openRun, 3 per round
     assert cli(["audit", str(folder)]) == 0
     assert "audit: OK" in capsys.readouterr().out
 
@@ -73,16 +73,17 @@ def test_audited_run_survives_anvil_restart(anvil, tmp_path, capsys):
     report = audit_run(str(folder))
     assert report.ok and sum(r.kind == "update" for r in report.rows) == 6, report.table()
 
-    # a non-authorised account cannot write
+    # no other account can write, the admin (anvil's dev account #1 here) included
     ledger = Ledger.connect(anvil["url"], info["registry-address"])
     other = ledger.w3.eth.accounts[1]
+    assert ledger.admin_address() == other
     from web3.exceptions import ContractCustomError, ContractLogicError
 
     with pytest.raises((ContractCustomError, ContractLogicError)):
         ledger.contract.functions.openRound(RUN, 3).transact({"from": other})
     with pytest.raises((ContractCustomError, ContractLogicError)):
         ledger.contract.functions.commitAggregate(RUN, 2, b"\1" * 32, b"\2" * 32).transact({"from": other})
-    assert ledger.get_round(RUN, 2)["committed"] and ledger.contract.functions.currentRound(RUN).call() == 2
+    assert ledger.get_round(RUN, 2)["committed"] and ledger.get_run(RUN)["current-round"] == 2
 
 
 @needs_anvil
@@ -127,7 +128,8 @@ def test_fresh_aggregator_key_writes_a_whole_audited_run(anvil, tmp_path, monkey
     monkeypatch.setenv(KEY_ENV, key.key.to_0x_hex())
     pipeline = _run(anvil["url"], tmp_path / "run", Federation(run_id=RUN))
     ledger = pipeline.trail.ledger
-    assert ledger.signs_locally and ledger.owner() == key.address
+    assert ledger.signs_locally and ledger.aggregator_address() == key.address
+    assert ledger.admin_address() == w3.eth.accounts[1]                # the devnet admin deployed it
     report = audit_run(str(tmp_path / "run"))
     assert report.ok, report.table()
 
@@ -139,14 +141,14 @@ def test_fresh_aggregator_key_writes_a_whole_audited_run(anvil, tmp_path, monkey
     second = _run(anvil["url"], tmp_path / "run2", Federation(run_id=RUN + 1), registry_address=ledger.address,
                   private_key_file=str(keystore))
     assert audit_run(str(tmp_path / "run2")).ok
-    sent = ledger.tx_log + second.trail.ledger.tx_log
-    assert len(sent) == 1 + 3 * 2 + 3 * 2
+    sent = [t for t in ledger.tx_log + second.trail.ledger.tx_log if t["label"] != "deploy"]
+    assert len(sent) == (1 + 3 * 2) * 2                                  # openRun + 3 per round, two runs
     assert {w3.eth.get_transaction(t["tx"])["from"] for t in sent} == {key.address}
     assert w3.eth.get_transaction_count(w3.eth.accounts[0]) == 1       # dev account 0: the funding transfer only
 
     # another key cannot take over that registry
     monkeypatch.setenv(KEY_ENV, Account.create().key.to_0x_hex())
-    with pytest.raises(LedgerError, match=f"owned by {key.address}"):
+    with pytest.raises(LedgerError, match=f"names {key.address} as its aggregator"):
         Ledger.connect(anvil["url"], ledger.address)
 
 
@@ -165,10 +167,15 @@ def test_node_without_unlocked_accounts_needs_an_aggregator_key(tmp_path, monkey
             Ledger.connect(url)
         message = str(info.value)
         assert "\n" not in message and KEY_ENV in message and "aggregator-key-file" in message
-        key = Account.create()
-        devnet.rpc_call(url, "anvil_setBalance", [key.address, hex(10**19)])
-        ledger = Ledger.connect(url, private_key=key.key.to_0x_hex())
-        assert ledger.owner() == key.address
+        key, admin = Account.create(), Account.create()
+        for account in (key, admin):
+            devnet.rpc_call(url, "anvil_setBalance", [account.address, hex(10**19)])
+        with pytest.raises(LedgerError, match=r"no admin key .* \$FEDLEDGER_ADMIN_KEY .* admin-key-file"):
+            Ledger.connect(url, private_key=key.key.to_0x_hex())      # a new registry is deployed by its admin
+        with pytest.raises(LedgerError, match="the admin and the aggregator are the same account"):
+            Ledger.connect(url, private_key=key.key.to_0x_hex(), admin_key=key.key.to_0x_hex())
+        ledger = Ledger.connect(url, private_key=key.key.to_0x_hex(), admin_key=admin.key.to_0x_hex())
+        assert ledger.aggregator_address() == key.address and ledger.admin_address() == admin.address
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -200,3 +207,42 @@ def test_ensure_running_starts_a_local_devnet_once(tmp_path):
         devnet.stop(d)
     with pytest.raises(LedgerError, match="cannot reach"):
         devnet.ensure_running(rpc_url="http://10.255.255.1:8545", state_dir=d)
+
+
+@needs_anvil
+def test_the_admin_deploys_and_enrols_with_the_cli_and_the_aggregator_runs_on_that_registry(anvil, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A deployment's division of labour: the admin (its own key) deploys the registry naming the
+    aggregator and enrols the clients; the aggregator (another key) attaches with enrol="none"."""
+    from fedledger.chain import signing
+
+    admin, aggregator = Account.create(), Account.create()
+    for account in (admin, aggregator):
+        devnet.rpc_call(anvil["url"], "anvil_setBalance", [account.address, hex(10**19)])
+    (tmp_path / "admin.key").write_text(admin.key.to_0x_hex())
+    base = ["--rpc-url", anvil["url"], "--admin-key-file", str(tmp_path / "admin.key")]
+    assert cli(["registry", "deploy", "--aggregator", aggregator.address, *base]) == 0
+    registry = capsys.readouterr().out.split()[1]
+    fed = Federation(run_id=RUN)
+    clients = [fed.address(i) for i in range(3)]
+    assert cli(["registry", "enrol", *clients, "--registry-address", registry, "--fund-devnet", *base]) == 0
+    assert "enrolled 3 of 3 signer(s), funded 3 (devnet)" in capsys.readouterr().out
+    assert cli(["registry", "show", "--registry-address", registry, "--rpc-url", anvil["url"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["admin"] == admin.address and shown["aggregator"] == aggregator.address
+    assert shown["enrolled"] == sorted(c.lower() for c in clients)
+    assert cli(["registry", "enrol", signing.simulation_account(9).address, "--registry-address", registry,
+                "--rpc-url", anvil["url"]]) == 2      # the devnet's own admin account is not this registry's admin
+    assert "is administered by" in capsys.readouterr().err
+
+    from flwr.serverapp.strategy import FedAvg
+
+    monkeypatch.setenv(KEY_ENV, aggregator.key.to_0x_hex())
+    ledger = build_ledger("anvil", anvil["url"], registry)
+    pipeline = OnChainAudit(FedAvg(), ledger, ArtifactStore(str(tmp_path / "run")), fed.run_id, enrol="none")
+    fed.drive(pipeline)
+    assert audit_run(str(tmp_path / "run"), admin=admin.address).ok
+    assert cli(["audit", str(tmp_path / "run"), "--admin", aggregator.address]) == 1   # not the admin you trust
+    assert "not the admin you trust" in capsys.readouterr().out
+    assert cli(["registry", "revoke", clients[0], "--registry-address", registry, *base]) == 0
+    assert not ledger.is_enrolled(clients[0])

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord
 
 from fedledger.chain import signing
 from fedledger.chain.audit import audit_run
+from fedledger.chain.hashing import bytes_hash, update_hash
 from fedledger.chain.audit_strategy import OnChainAudit, build_trail
 from fedledger.chain.ledger import Ledger
 from fedledger.chain.store import ArtifactStore
@@ -31,22 +32,39 @@ RUN_IDS = itertools.count(1000)
 class Federation:
     """``n`` clients with random 64-bit node ids and simulation keys; ``drive`` runs rounds.
 
-    Client ``i`` trains ``global + step * noise(seed, round, i)`` on ``10 + 5 i`` examples, so two
-    runs of the same federation receive identical updates. ``tamper(round, i, arrays, audit)``
-    returns the (arrays, audit record) actually sent (audit None: unsigned)."""
+    Client ``i`` trains ``global + step * noise(seed, round, i)`` on ``10 + 5 i`` examples and
+    signs its typed commitment as the client mod does (chain id and registry from the
+    instruction's ``audit`` record, the hash of the global it received), so two runs of the same
+    federation receive identical updates. ``tamper(round, i, arrays, audit)`` returns the
+    (arrays, audit record) actually sent (audit None: unsigned); :meth:`record_for` signs other
+    arrays, counts or keys under the round's instruction."""
 
     def __init__(self, n: int = 3, seed: int = 0, run_id: int | None = None, step: float = 0.05):
         self.nodes = node_ids(n, seed)
         self.accounts = [signing.simulation_account(i) for i in range(n)]
         self.seed, self.step = seed, step
         self.run_id = next(RUN_IDS) if run_id is None else run_id
+        self.context: dict = {}   # the round's chain id, registry and global hash, as the client saw them
 
     def address(self, i: int) -> str:
         return self.accounts[i].address
 
+    @staticmethod
+    def examples(i: int) -> int:
+        return 10 + 5 * i
+
     def local(self, global_arrays: dict, rnd: int, i: int) -> dict:
         rng = np.random.default_rng([self.seed, rnd, i])
         return {k: (v + self.step * rng.standard_normal(v.shape)).astype(np.float32) for k, v in global_arrays.items()}
+
+    def commitment(self, rnd: int, update_hash_value: str = ZERO_HASH, num_examples: int = 0) -> signing.Commitment:
+        c = self.context
+        return signing.Commitment(c["chain-id"], c["registry"], self.run_id, rnd, c["global-hash"], update_hash_value,
+                                  num_examples)
+
+    def record_for(self, rnd: int, i: int, arrays: dict, account=None, num_examples: int | None = None) -> dict:
+        n = self.examples(i) if num_examples is None else num_examples
+        return signing.audit_record(arrays, self.commitment(rnd, num_examples=n), account or self.accounts[i])
 
     def replies(self, instructions, global_arrays: dict, rnd: int, tamper=None) -> list:
         order = sorted(instructions, key=lambda m: self.nodes.index(m.metadata.dst_node_id))
@@ -55,11 +73,16 @@ class Federation:
             node = ins.metadata.dst_node_id
             i = self.nodes.index(node)
             arrays = self.local(global_arrays, rnd, i)
-            audit = signing.audit_record(arrays, self.run_id, rnd, self.accounts[i])
+            told = ins.content.config_records.get("audit")
+            audit = None
+            if told is not None:
+                self.context = {"chain-id": told["chain-id"], "registry": told["registry"],
+                                "global-hash": update_hash(global_arrays)}
+                audit = self.record_for(rnd, i, arrays)
             if tamper is not None:
                 arrays, audit = tamper(rnd, i, arrays, audit)
             extra = {"audit": ConfigRecord(audit)} if audit is not None else None
-            out.append(reply(node, arrays, 10 + 5 * i, metrics={"train-loss": 1.5}, extra=extra))
+            out.append(reply(node, arrays, self.examples(i), metrics={"train-loss": 1.5}, extra=extra))
         return out
 
     def drive(self, pipeline, rounds: int = 2, tamper=None, start=None, next_global=None) -> list:
@@ -78,9 +101,10 @@ class Federation:
         return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def chain():
-    """One in-process chain and registry for the module; each run has its own run id."""
+    """A fresh in-process chain and registry for each test (0.1 s; eth-tester reads logs in time
+    quadratic in the chain's length, so a chain shared by a module gets slower with every test)."""
     return Ledger.in_process()
 
 
@@ -124,12 +148,17 @@ def test_each_round_costs_three_transactions_and_leaves_every_file(chain, tmp_pa
     pipeline = RoundPipeline(FedAvg(), trail=trail)
     aggregates = fed.drive(pipeline)
     d = info()
-    assert d["transactions"] == 1 + 2 * 3 and d["rejected-replies"] == {}   # deploy + (open, batch, commit) x 2
+    # deploy + enrol + openRun, then (openRound, one recordUpdates batch, commitAggregate) per round
+    assert d["transactions"] == 3 + 2 * 3 and d["rejected-replies"] == {}
     store, ledger = trail.store, trail.ledger
     with open(store.run_path) as fh:
         run = json.load(fh)
     assert run["rule"]["name"] == "FedAvg" and run["run-id"] == fed.run_id and run["run-config"] == {"num-rounds": 2}
     assert run["aggregator"] == ledger.sender and run["registry-address"] == ledger.address
+    assert run["admin"] == ledger.admin_address() != ledger.sender
+    assert run["enrolled"] == sorted(fed.address(i).lower() for i in range(3))
+    with open(store.run_path, "rb") as fh:
+        assert ledger.get_run(fed.run_id)["run-hash"] == bytes_hash(fh.read())
     for rnd in (1, 2):
         r = ledger.get_round(fed.run_id, rnd)
         assert r["count"] == 3 and r["committed"] and r["document-hash"] == trail.document_hashes[rnd]
@@ -142,10 +171,14 @@ def test_each_round_costs_three_transactions_and_leaves_every_file(chain, tmp_pa
         for path in (store.global_path(rnd), store.aggregate_path(rnd), store.update_path(rnd, fed.address(1))):
             assert os.path.exists(path), path
     live, offline = audit_run(str(tmp_path), ledger=ledger), audit_run(str(tmp_path))
-    assert live.exit_code == offline.exit_code == 0, live.table()
-    assert [(r.round, r.client, r.status) for r in live.rows] == [(r.round, r.client, r.status) for r in offline.rows]
+    assert live.exit_code == 0, live.table()
     assert [r.detail for r in live.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2
     assert aggregates[-1] is not None and live.verdict == "audit: OK, every record verified"
+    # the events an eth-tester run leaves are the aggregator's own copy: the same findings, never "OK"
+    assert offline.exit_code == 3 and offline.rows[0].status == "NO-CHAIN", offline.table()
+    assert [(r.round, r.client, r.status) for r in live.rows] == [(r.round, r.client, r.status) for r in offline.rows[1:]]
+    assert offline.verdict == ("audit: no problem found, but the events are the aggregator's own copy (no chain to "
+                               "check them against)")
 
 
 def test_stacking_with_pagerank_trust_gives_one_pipeline_in_either_order(chain, tmp_path):
@@ -162,11 +195,11 @@ def test_stacking_with_pagerank_trust_gives_one_pipeline_in_either_order(chain, 
     def attacker(rnd, i, arrays, audit):  # client 4 sends a scaled, sign-flipped update (signed)
         if i == 4:
             arrays = {k: -20 * v for k, v in arrays.items()}
-            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[4])
+            audit = fed.record_for(rnd, 4, arrays)
         return arrays, audit
 
     fed.drive(outer, tamper=attacker)
-    report = audit_run(str(tmp_path / "a"))
+    report = audit_run(str(tmp_path / "a"), ledger=chain)
     assert report.exit_code == 0, report.table()
     with open(outer.trail.store.round_path(2)) as fh:
         doc = json.load(fh)
@@ -231,7 +264,10 @@ def test_edited_run_record_is_flagged(fedavg_run):
     run["rule"]["name"] = "FedMedian"
     with open(path, "w") as fh:
         json.dump(run, fh, sort_keys=True, separators=(",", ":"))
-    assert (1, "run.json", "MISMATCH") in problems(audit_run(str(folder)))
+    report = audit_run(str(folder), ledger=pipeline.trail.ledger)
+    assert problems(report) == [(0, "run.json", "MISMATCH")], report.table()
+    assert "the chain recorded" in report.problems[0].detail and "not used" in report.problems[0].detail
+    assert [r.status for r in report.rows if r.kind == "aggregate"] == ["NOT-RECOMPUTED"] * 2   # not FedMedian's
 
 
 # ---------------------------------------------------------------------------- refused replies
@@ -248,7 +284,7 @@ def test_refused_replies_are_listed_with_their_reasons(chain, tmp_path):
         if i == 2:   # no audit record
             audit = None
         if i == 4:   # signs with client 3's key: a second reply of that signer
-            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[3])
+            audit = fed.record_for(rnd, 4, arrays, account=fed.accounts[3])
         return arrays, audit
 
     pipeline = audited(FedAvg(), chain, tmp_path, fed)
@@ -261,7 +297,7 @@ def test_refused_replies_are_listed_with_their_reasons(chain, tmp_path):
     assert "already replied" in reasons[fed.nodes[4]]
     assert chain.get_round(fed.run_id, 1)["count"] == 1
     assert pipeline.trail.info()["rejected-replies"]["1"] == pipeline.reports[1].rejected
-    report = audit_run(str(tmp_path))
+    report = audit_run(str(tmp_path), ledger=chain)
     assert report.exit_code == 0, report.table()
     assert {r.client: r.status for r in report.rows if r.kind == "rejected"} == {
         f"node-{fed.nodes[i]}": "REJECTED" for i in (0, 1, 2, 4)}
@@ -277,7 +313,7 @@ def test_malformed_reply_is_rejected_and_left_out_of_the_aggregate(chain, tmp_pa
         if i == 2:
             arrays = {k: v.copy() for k, v in arrays.items()}
             arrays["m.lora_B.weight"][1, 1] = np.nan
-            audit = signing.audit_record(arrays, fed.run_id, rnd, fed.accounts[2])
+            audit = fed.record_for(rnd, 2, arrays)
         return arrays, audit
 
     pipeline = audited(FedAvg(), chain, tmp_path, fed)
@@ -290,7 +326,7 @@ def test_malformed_reply_is_rejected_and_left_out_of_the_aggregate(chain, tmp_pa
     want, _ = clean.aggregate_train(1, [m for m in replies if m.metadata.src_node_id != fed.nodes[2]])
     for k in start:
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
-    report = audit_run(str(tmp_path))
+    report = audit_run(str(tmp_path), ledger=chain)
     rejected = [r for r in report.rows if r.status == "REJECTED"]
     assert [r.client for r in rejected] == [f"node-{fed.nodes[2]}"] and "NaN/Inf" in rejected[0].detail
     assert report.exit_code == 0, report.table()
@@ -337,12 +373,12 @@ def test_forged_signature_on_chain_is_bad_signature(chain, tmp_path, monkeypatch
     real = chain.record_updates
 
     def forge(run_id, rnd, entries):
-        real(run_id, rnd, [replace(e, signature=signing.sign_update(forger, run_id, rnd, e.update_hash))
+        real(run_id, rnd, [replace(e, signature=signing.sign(forger, fed.commitment(rnd, e.update_hash, e.num_examples)))
                            if e.client == fed.address(0) else e for e in entries])
 
     monkeypatch.setattr(chain, "record_updates", forge)
     fed.drive(audited(FedAvg(), chain, tmp_path, fed), rounds=1)
-    assert problems(audit_run(str(tmp_path))) == [(1, fed.address(0), "BAD-SIGNATURE")]
+    assert problems(audit_run(str(tmp_path), ledger=chain)) == [(1, fed.address(0), "BAD-SIGNATURE")]
 
 
 def test_round_that_did_not_start_from_the_previous_aggregate_is_flagged(chain, tmp_path):
@@ -351,9 +387,12 @@ def test_round_that_did_not_start_from_the_previous_aggregate_is_flagged(chain, 
     fed = Federation()
     pipeline = audited(FedAvg(), chain, tmp_path, fed)
     fed.drive(pipeline, next_global=lambda rnd, arrays: {k: v * 2 for k, v in arrays.items()})
-    report = audit_run(str(tmp_path))
-    assert problems(report) == [(2, "global", "MISMATCH")], report.table()
-    assert "not from round 1's result" in report.problems[0].detail
+    report = audit_run(str(tmp_path), ledger=chain)
+    # the chain opened round 2 from round 1's aggregate; the clients signed for the model they were sent
+    assert problems(report) == [(2, fed.address(i), "MISMATCH") for i in range(3)] + [(2, "global", "MISMATCH")], \
+        report.table()
+    assert all("it was sent another model" in r.detail for r in report.problems[:3])
+    assert "but the chain opened it from" in report.problems[3].detail
 
 
 def test_round_opened_but_never_committed_is_missing(chain, tmp_path, monkeypatch):
@@ -372,7 +411,7 @@ def test_round_opened_but_never_committed_is_missing(chain, tmp_path, monkeypatc
     monkeypatch.setattr(chain, "commit_aggregate", lost_in_round_2)
     with pytest.raises(LedgerError):
         fed.drive(audited(FedAvg(), chain, tmp_path, fed), rounds=2)
-    report = audit_run(str(tmp_path))
+    report = audit_run(str(tmp_path), ledger=chain)
     assert problems(report) == [(2, "aggregate", "MISSING")], report.table()
 
 
@@ -402,11 +441,12 @@ def test_verify_refuses_a_signer_other_than_the_nodes_known_one(chain, tmp_path)
 # ---------------------------------------------------------------------------- the CLI
 def test_cli_audit_table_json_and_exit_codes(fedavg_run, capsys):
     folder, pipeline, fed = fedavg_run
-    assert cli(["audit", str(folder)]) == 0
-    assert "audit: OK, every record verified" in capsys.readouterr().out
-    assert cli(["audit", str(folder), "--json"]) == 0
+    assert cli(["audit", str(folder)]) == 3                   # an eth-tester run: the aggregator's own copy
+    assert "NO-CHAIN" in capsys.readouterr().out
+    assert cli(["audit", str(folder), "--json"]) == 3
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] and out["exit-code"] == 0 and out["records"] == 6 and out["problems"] == 0
+    assert not out["ok"] and out["exit-code"] == 3 and out["records"] == 6 and out["problems"] == 0
+    assert out["admin"] == pipeline.trail.ledger.admin_address() and out["enrolled"] >= 3   # a shared chain
     flip(pipeline.trail.store.update_path(1, fed.address(0)), -1)
     assert cli(["audit", str(folder)]) == 1
     out = capsys.readouterr().out

@@ -26,8 +26,13 @@ def test_clientapp_signatures_and_audit_end_to_end(tmp_path):
     result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=2)
     assert result.arrays is not None
     info = strategy.trail.info()
-    assert info["transactions"] == 1 + 3 * 2 and info["rejected-replies"] == {}, info
-    report = audit_run(str(tmp_path))
+    # the admin deploys and enrols; the aggregator opens the run, then 3 transactions per round
+    assert info["transactions"] == 2 + 1 + 3 * 2 and info["rejected-replies"] == {}, info
+    assert [t["label"] for t in strategy.trail.ledger.tx_log] == ["deploy", "openRun"] + [
+        "openRound", "recordUpdates", "commitAggregate"] * 2
+    report = audit_run(str(tmp_path), ledger=strategy.trail.ledger)     # the live in-process chain
     assert report.ok, report.table()
+    offline = audit_run(str(tmp_path))              # the run folder's events.jsonl: the aggregator's own copy
+    assert offline.exit_code == 3 and not offline.problems and offline.rows[0].status == "NO-CHAIN", offline.table()
     assert sum(r.kind == "update" for r in report.rows) == 4
     assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2

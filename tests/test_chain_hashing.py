@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 import numpy as np
@@ -55,23 +56,55 @@ def test_hash_accepts_flower_arrayrecord_and_torch():
     assert hashing.update_hash({k: torch.from_numpy(v) for k, v in a.items()}) == hashing.update_hash(a)
 
 
-def test_simulation_keys_are_deterministic_and_distinct():
-    a0, a0b, a1 = signing.simulation_account(0), signing.simulation_account(0), signing.simulation_account(1)
+def test_simulation_keys_derive_from_a_random_federation_secret_created_once(tmp_path):
+    from eth_utils import keccak
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    a0, a0b, a1 = (signing.simulation_account(p, a) for p in (0, 0, 1))
     assert a0.address == a0b.address != a1.address
-    assert signing.simulation_account(0, seed="other").address != a0.address
+    assert signing.simulation_account(0, b).address != a0.address          # another federation, other keys
+    secret = tmp_path / "a" / signing.SECRET_FILE
+    assert oct(secret.stat().st_mode & 0o777) == "0o600" and len(bytes.fromhex(secret.read_text())) == 32
+    assert a0.key != keccak(b"fedledger-sim/0")                              # not the old public seed
+    secret.write_text("not a secret\n")
+    with pytest.raises(signing.KeyFileError, match="is not a federation secret .* delete it") as info:
+        signing.simulation_account(0, a)
+    assert "\n" not in str(info.value)
 
 
-def test_sign_verify_and_audit_record(tmp_path):
+def test_processes_that_race_to_create_the_secret_all_get_the_first_one(tmp_path):
+    import multiprocessing
+
+    folder = str(tmp_path / "race")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        addresses = pool.starmap(_address_of_partition_0, [(folder,)] * 8)
+    assert len(set(addresses)) == 1 and addresses[0] == signing.simulation_account(0, folder).address
+    assert os.listdir(folder) == [signing.SECRET_FILE]                       # no temporary file left behind
+
+
+def _address_of_partition_0(folder: str) -> str:
+    return signing.simulation_account(0, folder).address
+
+
+def test_the_typed_commitment_is_eip712_and_covers_every_field(tmp_path):
+    from dataclasses import replace
+
+    from eth_account.messages import _hash_eip191_message, encode_typed_data
+
     acct = signing.simulation_account(3)
-    rec = signing.audit_record(_adapter(), 5, 2, acct)
-    assert set(rec) == {"update-hash", "signature", "signer"} and rec["signer"] == acct.address
-    assert rec["update-hash"] == hashing.update_hash(_adapter())
-    assert signing.recover_signer(5, 2, rec["update-hash"], rec["signature"]) == acct.address
-    assert signing.verify(5, 2, rec["update-hash"], rec["signature"], acct.address)
-    assert not signing.verify(5, 3, rec["update-hash"], rec["signature"], acct.address)   # other round
-    assert not signing.verify(6, 2, rec["update-hash"], rec["signature"], acct.address)   # other run
-    assert not signing.verify(5, 2, "0x" + "00" * 32, rec["signature"], acct.address)     # other hash
-    assert not signing.verify(5, 2, rec["update-hash"], "0x1234", acct.address)           # malformed
+    c = signing.Commitment(31337, "0x" + "5f" * 20, 5, 2, "0x" + "aa" * 32, hashing.update_hash(_adapter()), 17)
+    assert encode_typed_data(full_message=c.typed_data()) == c.signable()
+    assert _hash_eip191_message(c.signable()) == c.digest()
+    rec = signing.audit_record(_adapter(), replace(c, update_hash="0x" + "00" * 32), acct)
+    assert set(rec) == {"update-hash", "global-hash", "num-examples", "signature", "signer"}
+    assert rec["update-hash"] == c.update_hash and rec["num-examples"] == 17 and rec["signer"] == acct.address
+    assert signing.recover(c, rec["signature"]) == acct.address and signing.verify(c, rec["signature"], acct.address)
+    for field, value in (("chain_id", 1), ("registry", "0x" + "12" * 20), ("run_id", 6), ("round", 3),
+                         ("global_hash", "0x" + "ab" * 32), ("update_hash", "0x" + "00" * 32), ("num_examples", 10**9)):
+        assert not signing.verify(replace(c, **{field: value}), rec["signature"], acct.address), field
+    assert not signing.verify(c, "0x1234", acct.address)                      # malformed
+    with pytest.raises(ValueError, match="malformed signature"):
+        signing.recover(c, "0x1234")
     # key files: raw hex and encrypted keystore
     (tmp_path / "k.hex").write_text(acct.key.hex())
     assert signing.account_from_keyfile(str(tmp_path / "k.hex")).address == acct.address
@@ -93,3 +126,25 @@ def test_header_matches_json_for_any_names():
         items = hashing.canonical_arrays(arrays)
         ref = json.dumps([[n, "<f2", list(a.shape)] for n, a in items], separators=(",", ":"), ensure_ascii=True)
         assert hashing.header_bytes(items) == ref.encode()
+
+
+def test_layout_hasher_of_decoded_replies_gives_the_canonical_hash():
+    """The server hashes replies straight from the received bytes (views decoded against the
+    round's layout, header hashed once per layout): the same hash as update_hash."""
+    from flwr.app import Array
+
+    from fedledger.core import Layout
+    from fedledger.core.update import decode_arrayrecord, decode_global
+
+    from .replies import record
+
+    a = {**_adapter(), "empty": np.zeros((0, 3), np.float32), "half": np.arange(6, dtype=np.float16).reshape(2, 3)}
+    rec = record(a)
+    rec["scalar"] = Array(np.asarray(np.float32(2.5)))  # a 0-d tensor
+    views = decode_arrayrecord(rec, Layout.of(decode_global(rec)))
+    assert views["scalar"].shape == ()
+    hasher = hashing.LayoutHasher(Layout.of(views).specs)
+    assert hasher.hexdigest(views) == hashing.update_hash(views) == hashing.update_hash(
+        {**a, "scalar": np.asarray(np.float32(2.5))})
+    with pytest.raises(ValueError, match="little-endian"):
+        hashing.LayoutHasher({"x": ((2,), ">f4")})

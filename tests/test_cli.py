@@ -318,6 +318,27 @@ def test_valid_settings_reach_flwr_with_the_chosen_output_mode(no_flwr, tmp_path
     assert "num-rounds=2" in call["run_config"] and f'run-dir="{tmp_path}"' in call["run_config"]
 
 
+def test_resume_reaches_flwr_with_the_runs_own_settings_and_the_folder(no_flwr, tmp_path, capsys):
+    from fedledger.config import Settings
+    from fedledger.core.checkpoint import CHECKPOINT_FILE, atomic_pickle
+
+    folder = tmp_path / "20260101-000000-run5"
+    folder.mkdir()
+    own = Settings.from_run_config({"strategy": "fedadam", "num-rounds": 4, "model": "tiny"}).to_run_config()
+    atomic_pickle(str(folder / CHECKPOINT_FILE), {"format": 1, "round": 2, "extra": {"run-config": own}})
+    assert cli.main(["run", "--app", ROOT, "--resume", str(folder), "--run-config", "num-rounds=6"]) == 1
+    (call,) = no_flwr
+    assert 'strategy="fedadam"' in call["run_config"] and "num-rounds=6" in call["run_config"]
+    assert f'resume="{folder}"' in call["run_config"]
+    assert f"resuming {folder} after round 2" in capsys.readouterr().out
+
+
+def test_resume_of_a_folder_without_a_checkpoint_fails_in_one_line(no_flwr, tmp_path, capsys):
+    assert cli.main(["run", "--app", ROOT, "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no checkpoint at" in err[0] and no_flwr == []
+
+
 def test_quiet_and_verbose_cannot_be_combined(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "--quiet", "--verbose"])

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedledger.chain import ArtifactStore, OnChainAudit, audit_mod, audit_run, audited
 from fedledger.chain import mods, signing
+from fedledger.chain.hashing import update_hash
 from fedledger.chain.ledger import Ledger
 from fedledger.inprocess import InProcessGrid
 
@@ -33,8 +35,9 @@ MIXED = {"w/1": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "half": 
          "steps": np.array([3, 1], np.int64), "mask": np.array([True, False, True]), "scale": np.float64(2.5)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def chain():
+    """A fresh in-process chain per test (see tests/test_chain_audit.py)."""
     return Ledger.in_process()
 
 
@@ -70,11 +73,26 @@ def run_audited(app, chain, tmp_path, rounds: int = 2, nodes: int = 2, run_confi
     return pipeline
 
 
-def train_message(arrays=None, server_round: int | None = 3, group_id: str = "3", message_type: str = "train"):
+CHAIN_ID, REGISTRY = 31337, "0x" + "5f" * 20     # what an audited server's instruction names
+
+
+def train_message(arrays=None, server_round: int | None = 3, group_id: str = "3", message_type: str = "train",
+                  audited_server: bool = True):
+    """A train instruction as OnChainAudit sends it: the global model, Flower's config and the
+    server's ``audit`` record (chain id, registry, ledger kind, round, weight key)."""
     content = RecordDict({"arrays": record(arrays if arrays is not None else MIXED)})
     if server_round is not None:
         content["config"] = ConfigRecord({"server-round": server_round})
+        if audited_server:
+            content["audit"] = ConfigRecord({"chain-id": CHAIN_ID, "registry": REGISTRY, "ledger": "eth-tester",
+                                             "server-round": server_round, "weight-key": "num-examples"})
     return Message(content, dst_node_id=7, message_type=message_type, group_id=group_id)
+
+
+def signed_commitment(audit: dict, server_round: int = 3, arrays=None) -> signing.Commitment:
+    """The commitment an ``audit`` reply record claims, for ``train_message``'s instruction."""
+    return signing.Commitment(CHAIN_ID, REGISTRY, RUN, server_round, update_hash(arrays if arrays is not None else MIXED),
+                              audit["update-hash"], audit["num-examples"])
 
 
 def context(partition: int = 0, run_config=None, **node_config) -> Context:
@@ -86,11 +104,31 @@ def context(partition: int = 0, run_config=None, **node_config) -> Context:
 def test_the_mod_signs_any_arrayrecord_key_tensor_names_and_dtypes_and_the_audit_passes(chain, tmp_path):
     pipeline = run_audited(audited(plain_app("weights")), chain, tmp_path)
     assert pipeline.trail.info()["rejected-replies"] == {}
-    report = audit_run(str(tmp_path))
+    report = audit_run(str(tmp_path), ledger=chain)
     assert report.ok, report.table()
     signers = {r.client.lower() for r in report.rows if r.kind == "update"}
     assert signers == {signing.simulation_account(p).address.lower() for p in (0, 1)}
     assert [r.detail for r in report.rows if r.kind == "aggregate"] == ["FedAvg recomputed bit-exactly"] * 2
+
+
+def test_on_an_in_process_chain_a_node_trains_without_the_inclusion_check_and_says_so_once(chain, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_audited(audited(plain_app()), chain, tmp_path, rounds=2)
+    lines = [r.getMessage() for r in caplog.records if "without the inclusion check" in r.getMessage()]
+    assert len(lines) == 2 and all("eth-tester chain inside the ServerApp's process" in line for line in lines)
+
+
+def test_a_run_recorded_under_another_ledger_run_id_signs_that_id_and_the_audit_passes(chain, tmp_path):
+    """A resumed run keeps its first run's id on the ledger while Flower gives it a new one: the
+    instruction names the ledger's run id, and the mod signs that one."""
+    run_id = next(RUN_IDS)
+    grid = InProcessGrid(audited(plain_app("weights")), 2, {}, run_id=run_id)
+    pipeline = OnChainAudit(FedAvg(fraction_evaluate=0.0), chain, ArtifactStore(str(tmp_path)), run_id + 500)
+    pipeline.start(grid=grid, initial_arrays=record(MIXED), num_rounds=2)
+    assert pipeline.trail.info()["rejected-replies"] == {}
+    report = audit_run(str(tmp_path), ledger=chain)
+    assert report.ok and report.run_id == run_id + 500, report.table()
+    assert sum(r.status == "OK" and r.kind == "update" for r in report.rows) == 4
 
 
 def test_the_signed_reply_is_the_handler_reply_plus_one_audit_record():
@@ -103,15 +141,29 @@ def test_the_signed_reply_is_the_handler_reply_plus_one_audit_record():
     assert dict(signed.content["metrics"]) == dict(bare.content["metrics"])
     audit = dict(signed.content["audit"])
     assert audit["signer"] == signing.simulation_account(1).address
-    assert signing.recover_signer(RUN, 3, audit["update-hash"], audit["signature"]) == audit["signer"]
+    assert audit["update-hash"] == signing.update_hash(signed.content["weights"]) and audit["num-examples"] == 11
+    assert audit["global-hash"] == update_hash(MIXED)    # the client hashed the global it received itself
+    assert signing.recover(signed_commitment(audit), audit["signature"]) == audit["signer"]
 
 
-def test_the_round_is_the_instructions_server_round_else_its_group_id():
+def test_the_commitment_names_the_instructions_chain_registry_round_global_and_count():
     app = audited(plain_app())
-    by_config = dict(app(train_message(server_round=5, group_id="9"), context()).content["audit"])
-    assert signing.verify(RUN, 5, by_config["update-hash"], by_config["signature"], by_config["signer"])
-    by_group = dict(app(train_message(server_round=None, group_id="9"), context()).content["audit"])
-    assert signing.verify(RUN, 9, by_group["update-hash"], by_group["signature"], by_group["signer"])
+    audit = dict(app(train_message(server_round=5, group_id="9"), context()).content["audit"])
+    commitment = signed_commitment(audit, server_round=5)
+    assert signing.verify(commitment, audit["signature"], audit["signer"])
+    for other in (replace(commitment, chain_id=1), replace(commitment, registry="0x" + "12" * 20),
+                  replace(commitment, round=9), replace(commitment, run_id=RUN + 1),
+                  replace(commitment, global_hash="0x" + "00" * 32), replace(commitment, num_examples=10**9)):
+        assert not signing.verify(other, audit["signature"], audit["signer"]), other
+
+
+def test_without_the_servers_audit_record_the_reply_goes_unsigned_in_one_line(caplog):
+    app = audited(plain_app())
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        reply = app(train_message(audited_server=False), context())
+    assert "audit" not in reply.content and not reply.has_error()
+    (line,) = [r.getMessage() for r in caplog.records if "goes out unsigned" in r.getMessage()]
+    assert "the instruction carries no 'audit' record" in line
 
 
 def test_evaluate_and_query_replies_and_unaudited_runs_are_left_alone():
@@ -201,7 +253,7 @@ def test_a_new_app_takes_the_mod_as_flower_mods_are_taken(chain, tmp_path):
     app = ClientApp(mods=[audit_mod])
     app.train()(plain_app()._registered_funcs["train.default"])
     run_audited(app, chain, tmp_path, rounds=1)
-    assert audit_run(str(tmp_path)).ok
+    assert audit_run(str(tmp_path), ledger=chain).ok
 
 
 # ---------------------------------------------------------------------------- keys
@@ -214,7 +266,7 @@ def test_key_files_hex_and_keystore_sign_for_their_node(tmp_path, monkeypatch):
     for path, acct in ((tmp_path / "hex.key", hex_acct), (tmp_path / "store.json", store_acct)):
         audit = dict(app(train_message(), context(**{"key-file": str(path)})).content["audit"])
         assert audit["signer"] == acct.address
-        assert signing.verify(RUN, 3, audit["update-hash"], audit["signature"], acct.address)
+        assert signing.verify(signed_commitment(audit), audit["signature"], acct.address)
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -249,7 +301,7 @@ def test_the_server_records_a_keyless_nodes_refusal_once(chain, tmp_path):
     pipeline = run_audited(audited(plain_app()), chain, tmp_path / "run", rounds=1, node_config_extra=extra)
     refused = pipeline.trail.info()["rejected-replies"]["1"]
     assert len(refused) == 2 and all("not found; check key-file" in r["reason"] for r in refused)
-    report = audit_run(str(tmp_path / "run"))
+    report = audit_run(str(tmp_path / "run"), ledger=chain)
     assert [r.status for r in report.rows] == ["REJECTED", "REJECTED", "NO-AGGREGATE"]
 
 

@@ -285,7 +285,8 @@ def test_fuzz_malformed_replies_never_crash_enter_or_change_the_aggregate(stack)
 
 
 # ---------------------------------------------------------------------------- the fuzz, audited
-SIGNATURE_KINDS = ["unsigned", "bad-signature", "hash-mismatch", "signer-swap", "replayed-round"]
+SIGNATURE_KINDS = ["unsigned", "bad-signature", "hash-mismatch", "signer-swap", "replayed-round", "other-registry",
+                   "other-global", "other-count", "not-enrolled"]
 RUN_IDS = itertools.count(10_000)  # one chain for the module: every round of every test is its own run
 
 
@@ -311,29 +312,43 @@ def _audited_stacks():
 @pytest.mark.parametrize("stack", sorted(_audited_stacks()))
 def test_fuzz_audited_stacks_record_every_refusal_and_nothing_else(stack, chain, tmp_path):
     from fedledger.chain import signing
+    from fedledger.chain.hashing import update_hash
     from fedledger.chain.store import ArtifactStore
 
     make_audited, make_plain = _audited_stacks()[stack]
     accounts = [signing.simulation_account(i) for i in range(GOOD + 30)]
+    outsider = signing.simulation_account(10_000)   # a key the admin never enrols
     thrown = {"n": 0}
 
-    def signed(node, arrays, n, i, run_id, rnd=1):
-        rec = signing.audit_record(arrays, run_id, rnd, accounts[i])
-        return reply(node, arrays, num_examples=n, metrics={"loss": 1.0}, extra={"audit": ConfigRecord(rec)})
+    def record_of(arrays, i, run_id, g, n, rnd=1, registry=None, account=None):
+        commitment = signing.Commitment(chain.chain_id, registry or chain.address, run_id, rnd, update_hash(g), "", n)
+        return signing.audit_record(arrays, commitment, account or accounts[i])
 
-    def bad_signed(kind, node, arrays, i, run_id):
-        rec = signing.audit_record(arrays, run_id, 1, accounts[i])
+    def signed(node, arrays, n, i, run_id, g):
+        return reply(node, arrays, num_examples=n, metrics={"loss": 1.0},
+                     extra={"audit": ConfigRecord(record_of(arrays, i, run_id, g, n))})
+
+    def bad_signed(kind, node, arrays, i, run_id, g):
+        rec = record_of(arrays, i, run_id, g, 10)
         if kind == "unsigned":
             return reply(node, arrays)
         if kind == "bad-signature":
             rec["signature"] = "0x" + "11" * 65
         elif kind == "hash-mismatch":
-            rec = signing.audit_record({k: v + 1 for k, v in arrays.items()}, run_id, 1, accounts[i])
+            rec = record_of({k: v + 1 for k, v in arrays.items()}, i, run_id, g, 10)
         elif kind == "signer-swap":
             rec["signer"] = accounts[0].address
         elif kind == "replayed-round":
-            rec = signing.audit_record(arrays, run_id, 2, accounts[i])
-        return reply(node, arrays, extra={"audit": ConfigRecord(rec)})
+            rec = record_of(arrays, i, run_id, g, 10, rnd=2)
+        elif kind == "other-registry":
+            rec = record_of(arrays, i, run_id, g, 10, registry="0x" + "12" * 20)
+        elif kind == "other-global":
+            rec = record_of(arrays, i, run_id, {k: v + 1 for k, v in g.items()}, 10)
+        elif kind == "other-count":
+            rec = record_of(arrays, i, run_id, g, 11)
+        elif kind == "not-enrolled":
+            rec = record_of(arrays, i, run_id, g, 10, account=outsider)
+        return reply(node, arrays, num_examples=10, extra={"audit": ConfigRecord(rec)})
 
     @settings(max_examples=65, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(kinds=st.lists(st.sampled_from(KINDS + SIGNATURE_KINDS), min_size=16, max_size=30),
@@ -344,11 +359,11 @@ def test_fuzz_audited_stacks_record_every_refusal_and_nothing_else(stack, chain,
         g = adapter(seed % 1000)
         nodes = node_ids(GOOD + len(kinds), seed=seed)
         good = [signed(nodes[i], {k: g[k] + 0.1 * v for k, v in adapter(seed + i).items()}, int(rng.integers(1, 50)),
-                       i, run_id) for i in range(GOOD)]
+                       i, run_id, g) for i in range(GOOD)]
         bad = []
         for j, kind in enumerate(kinds):
             node, arrays = nodes[GOOD + j], {k: g[k] + 0.1 * v for k, v in adapter(seed + 100 + j).items()}
-            bad.append(bad_signed(kind, node, arrays, GOOD + j, run_id) if kind in SIGNATURE_KINDS
+            bad.append(bad_signed(kind, node, arrays, GOOD + j, run_id, g) if kind in SIGNATURE_KINDS
                        else malformed(kind, node, adapter(seed + 100 + j), rng))
         mixed = list(good)
         for m in bad:

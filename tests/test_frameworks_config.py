@@ -74,11 +74,35 @@ def test_a_disjoint_public_file_passes(tmp_path):
     ({"strategy": "kd", "kd-public-size": 0}, "kd-public-size", "without a public set"),
     ({"strategy": "kd", "kd-variant": "both"}, "kd-variant", "choose one of: server, client"),
     ({"strategy": "split", "split-dtype": "bfloat16"}, "split-dtype", "choose one of: float32, float16"),
+    # issue 10's rules: no global model for a client to sign and check on chain
+    ({"strategy": "kd", "kd-variant": "client", "audit": "eth-tester"}, "audit", "not available with kd-variant='client'"),
+    ({"strategy": "kd", "kd-variant": "client", "audit": "anvil"}, "audit", "use kd-variant='server'"),
+    # issue 12: these runners keep no checkpoint
+    ({"strategy": "kd", "resume": "/tmp/some-run"}, "resume", "cannot resume"),
+    ({"strategy": "split", "resume": "/tmp/some-run"}, "resume", "keeps no checkpoint"),
+    # issue 13: the server's model also serves the runner between rounds
+    ({"strategy": "split", "eval-overlap": True}, "eval-overlap", "set eval-overlap=false"),
 ])
 def test_a_framework_setting_that_cannot_work_is_one_line(cfg, key, needle):
     with pytest.raises(ConfigError) as info:
         Settings.from_run_config({**TINY, **cfg})
     assert info.value.key == key and needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_audited_kd_server_run_and_an_audited_split_run_pass():
+    for cfg in ({"strategy": "kd", "kd-variant": "server"}, {"strategy": "split"}):
+        for ledger in ("eth-tester", "anvil"):
+            Settings.from_run_config({**TINY, **cfg, "audit": ledger})
+
+
+def test_fedledger_run_refuses_an_audited_kd_client_run_in_one_line(tmp_path, capsys):
+    rc = fedledger_cli(["run", "--flwr-home", str(tmp_path / "flwr"), "--run-config",
+                        "model='tiny' strategy='kd' kd-variant='client' audit='eth-tester'"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("fedledger: error: run-config audit='eth-tester' is not available with "
+                             "kd-variant='client'")
+    assert not (tmp_path / "flwr").exists()
 
 
 def test_the_public_split_is_set_aside_in_every_mode_when_sized():

@@ -88,14 +88,14 @@ def test_invalid_updates_are_rejected_before_any_similarity(monkeypatch):
                                                           a["m.lora_B.weight"]).astype(np.float32)}}
     g, replies, ref, nodes, _ = _round("none", bad=bad)
     seen = {}
-    real = pr.gram_with_reference
+    real = pr.kernels.gram
 
-    def spy(x, r=None):
+    def spy(x):
         seen["rows"] = x.shape[0]
         assert np.all(np.isfinite(x))
-        return real(x, r)
+        return real(x)
 
-    monkeypatch.setattr(pr, "gram_with_reference", spy)
+    monkeypatch.setattr(pr.kernels, "gram", spy)
     _, report = run_round(_pipeline(nodes, reference_fn=lambda rnd, arrays: ref), g, replies, nodes)
     assert seen["rows"] == N - 3
     reasons = {r["partition"]: r["reason"] for r in report.rejected}
@@ -201,3 +201,26 @@ def test_detection_metrics_known_case():
     assert detection_metrics([], [1], range(4))["f1"] == 0.0
     assert detection_metrics([1], [1, 9], range(4))["recall"] == 1.0  # 9 did not take part
     assert mean_detection([{"precision": 1, "recall": 0.5, "f1": 2 / 3}, {"precision": 0, "recall": 0, "f1": 0}])["recall"] == 0.25
+
+
+@pytest.mark.parametrize("anchor", ["auto", "median", "history", "none"])
+def test_the_scorer_scores_as_the_pure_function_does_on_the_same_deltas(anchor):
+    """decide() builds the delta matrix in one pass and reuses the Gram; its scores are
+    trust_scores' on the same deltas (to float rounding)."""
+    g, replies, ref, nodes, locals_ = _round("sign-flip", seed=4)
+    from fedledger.core import Layout
+    from fedledger.core.update import decode_replies
+
+    updates, _ = decode_replies(replies, Layout.of(g), 10**6)
+    ident = Partitions(nodes)
+    updates = [u.with_identity(ident.resolve(u.node_id)) for u in updates]
+    scorer = PageRankScorer(anchor=anchor, reference_fn=(lambda r, a: ref) if anchor == "auto" else None)
+    if anchor == "history":
+        scorer.state = {u.identity.key: 1.0 + 0.1 * i for i, u in enumerate(updates)}
+    hist = np.array([scorer.state[u.identity.key] for u in updates]) if scorer.state else None
+    decision = scorer.decide(1, updates, g)
+    deltas = [flatten(u.arrays) - flatten(g) for u in updates]
+    expected = trust_scores(deltas, reference=flatten(ref) - flatten(g) if anchor == "auto" else None,
+                            history=hist, anchor=anchor)
+    got = np.array([decision.scores[u.identity.key] for u in updates])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)

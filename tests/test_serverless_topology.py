@@ -122,3 +122,37 @@ def test_hub_round_on_a_complete_graph_needs_no_shortest_path_search(monkeypatch
     topo = T.complete(300)
     star = T.fedavg_round(topo, 3.7e6, server="centre")
     assert star["server"] == 0 and star["total-bytes"] == pytest.approx(2 * 299 * 3.7e6)
+
+
+def test_fastest_paths_on_a_geometric_graph_are_networkx_dijkstras_from_one_search_per_size(monkeypatch):
+    """Sparse graphs: one all-pairs search (scipy, in C) gives the latency matrix and every path,
+    equal to networkx's Dijkstra; a hub round then runs no per-transfer search at all."""
+    import networkx as nx
+    import numpy as np
+
+    topo = T.random_geometric(30, seed=3)
+    for nbytes in (0.0, 3.7e6):
+        w = lambda a, b, d: d["latency"] + nbytes / d["bandwidth"]  # noqa: E731
+        dist = dict(nx.all_pairs_dijkstra_path_length(topo.graph, weight=w))
+        assert np.array_equal(topo.latency_matrix(nbytes), [[dist[a][b] for b in topo.nodes] for a in topo.nodes])
+        assert all(topo.path(a, b, nbytes) == nx.dijkstra_path(topo.graph, a, b, weight=w)
+                   for a in topo.graph for b in topo.graph if a != b)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a networkx shortest-path search per transfer")
+
+    monkeypatch.setattr(nx, "dijkstra_path", refuse)
+    monkeypatch.setattr(nx, "all_pairs_dijkstra_path_length", refuse)
+    fresh = T.random_geometric(200, seed=1)
+    star = T.fedavg_round(fresh, 3.7e6, server="centre")
+    assert star["total-bytes"] == pytest.approx(2 * 199 * 3.7e6)
+
+
+def test_a_zero_time_link_is_still_a_link():
+    import networkx as nx
+
+    g = nx.path_graph(3)
+    nx.set_edge_attributes(g, 0.0, "latency")
+    nx.set_edge_attributes(g, 1e6, "bandwidth")
+    topo = T.Topology(g)
+    assert topo.path(0, 2, 0.0) == [0, 1, 2] and topo.latency_matrix(0.0)[0, 2] == 0.0

@@ -1,7 +1,8 @@
 """scripts/verify_run.py, the standard-library verifier: its keccak-256, secp256k1 recovery and
 canonical hash agree with the libraries fedledger uses, and on a real anvil it passes an honest
 run and catches an aggregator that forges a signature, edits a round document, drops a stored
-file, or keeps an unsigned update's bytes but changes them. (A real `flwr run` of a third-party
+file, or keeps an unsigned update's bytes but changes them, and a registry administered by
+someone other than the admin the verifier trusts. (A real `flwr run` of a third-party
 app is checked in tests/test_flowerapp.py.)"""
 
 from __future__ import annotations
@@ -47,13 +48,19 @@ def test_keccak256_is_ethereums(length):
     assert verify_run.keccak256(data) == keccak(data)
 
 
-def test_signer_recovery_matches_eth_account():
+def test_eip712_recovery_matches_eth_account():
+    registry = "0x" + "5f" * 20
     for i, (run_id, rnd) in enumerate([(1, 1), (2**64 - 1, 7), (12345678901234567890, 2**32)]):
         account = signing.simulation_account(i)
-        record = signing.audit_record({"w": np.arange(4, dtype=np.float32) + i}, run_id, rnd, account)
-        h, sig = bytes.fromhex(record["update-hash"][2:]), bytes.fromhex(record["signature"][2:])
-        assert verify_run.signer_of_update(run_id, rnd, h, sig) == account.address.lower()
-        assert verify_run.signer_of_update(run_id, rnd + 1, h, sig) != account.address.lower()
+        commitment = signing.Commitment(31337 + i, registry, run_id, rnd, "0x" + f"{i:064x}", "0x" + "00" * 32, 10 + i)
+        record = signing.audit_record({"w": np.arange(4, dtype=np.float32) + i}, commitment, account)
+        h, sig, g = (bytes.fromhex(record[k][2:]) for k in ("update-hash", "signature", "global-hash"))
+        args = [31337 + i, registry, run_id, rnd, g, h, 10 + i]
+        assert verify_run.signer_of_update(*args, sig) == account.address.lower()
+        for at, other in ((0, 1), (1, "0x" + "12" * 20), (3, rnd + 1), (4, b"\xee" * 32), (6, 10**9)):
+            changed = list(args)
+            changed[at] = other
+            assert verify_run.signer_of_update(*changed, sig) != account.address.lower(), at
         assert verify_run.recover_address(bytes(32), sig[:64]) is None
 
 
@@ -90,7 +97,13 @@ def test_an_honest_run_passes_and_each_tampering_is_named(anvil, tmp_path):  # n
     pipeline = audited_run(anvil["url"], tmp_path, fed, tamper=unsigned, require_audit_record=False)
     rc, out = run_script(str(tmp_path))
     assert rc == 0 and failed(out) == [], out
-    assert out.count("signature recovers to the client") == 4 and out.count("UNSIGNED: bytes match") == 2
+    assert out.count("EIP-712 signature recovers to the client") == 4 and out.count("UNSIGNED: bytes match") == 2
+    assert out.count("enrolled by the admin when recorded") == 4 and "sha256 is the run hash recorded" in out
+    admin = pipeline.trail.ledger.admin_address()
+    assert f"admin {admin.lower()}" in out and "admin not checked: pass --admin" in out
+    assert run_script(str(tmp_path), "--admin", admin)[0] == 0
+    rc, out = run_script(str(tmp_path), "--admin", fed.address(0))      # an admin you do not trust
+    assert rc == 1 and failed(out) == [("0", "admin")], out
     store = pipeline.trail.store
 
     flip(store.update_path(1, f"node-{fed.nodes[2]}"), -1)                      # an unsigned update's bytes
@@ -110,7 +123,7 @@ def test_a_forged_signature_and_an_edited_round_document_are_caught(anvil, tmp_p
     real = Ledger.record_updates
 
     def forge(self, run_id, rnd, entries):   # the aggregator records client 1's update under its own signature
-        entries = [replace(e, signature=signing.sign_update(forger, run_id, rnd, e.update_hash))
+        entries = [replace(e, signature=signing.sign(forger, fed.commitment(rnd, e.update_hash, e.num_examples)))
                    if e.client == fed.address(1) else e for e in entries]
         return real(self, run_id, rnd, entries)
 

@@ -1,0 +1,177 @@
+"""``fedledger bench SUITE... [--quick] [--out DIR]``: the benchmarks in ``bench/``, by name.
+
+Each suite is one script of the checkout's ``bench/`` folder, run as its own process (fixed
+seeds, the same JSON + markdown + PNG outputs as running the script by hand). Without
+``--quick`` the outputs go to ``bench/results/`` (the committed results); ``--quick`` runs the
+suite's smoke sizes (what CI runs) into ``bench/results/quick/`` unless ``--out`` says otherwise,
+so a smoke run never overwrites a real result. A bar shows the suites done and the time spent;
+the scripts' own lines are printed above it. ``trust`` is robustness + serverless-trust +
+trust-speed; ``all`` is every suite that runs on a CPU.
+
+Exit: 0 every suite finished, 1 a suite failed (named), 2 bad input (unknown suite, no bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    script: str                 # file in bench/
+    quick: tuple[str, ...]      # arguments of the smoke run
+    full: tuple[str, ...] = ()  # arguments of the real run (the script's defaults when empty)
+    about: str = ""
+    gpu: bool = False           # the full run needs a CUDA GPU
+
+
+SUITES = {s.name: s for s in (
+    Suite("chain", "bench_chain.py", ("--quick",), about="gas and wall time per round, audit time, hashing (anvil)"),
+    Suite("serverless", "bench_serverless.py", ("--nodes", "5", "--seeds", "0", "--rounds", "2"),
+          about="server FedAvg vs ring vs gossip vs async gossip: latency, bytes, perplexity"),
+    Suite("serverless-smollm2", "bench_serverless_smollm2.py",
+          ("--model", "tiny", "--peers", "3", "--rounds", "1", "--local-steps", "1", "--eval-batches", "1",
+           "--seeds", "42"), about="the serverless modes on SmolLM2-135M"),
+    Suite("serverless-trust", "bench_serverless_trust.py", ("--quick",), about="peer-side PageRank trust in gossip"),
+    Suite("robustness", "bench_robustness.py", ("--quick",), about="PageRank trust vs Flower's robust rules under attack"),
+    Suite("trust-speed", "bench_trust_speed.py", ("--quick",), about="PageRank trust cost vs one GEMM"),
+    Suite("quality", "bench_quality.py", ("--model", "tiny", "--clients", "2", "--rounds", "1", "--local-steps", "1",
+                                          "--eval-batches", "1"),
+          about="federated vs centralised vs local-only held-out perplexity (SmolLM2)"),
+    Suite("qlora-gpu", "bench_qlora_gpu.py", ("--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"),
+          ("--out", "bench/results/qlora_gpu"), about="LoRA/QLoRA throughput on a CUDA GPU", gpu=True),
+)}
+GROUPS = {"trust": ("robustness", "serverless-trust", "trust-speed"),
+          "all": tuple(n for n, s in SUITES.items() if not s.gpu)}
+
+
+class BenchError(Exception):
+    """One line for the user; ``code`` 2 for bad input, 1 for a suite that failed."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def bench_folder(start: str | None = None) -> str:
+    """The checkout's bench/ folder (beside the fedledger package, or under the current folder)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (start, here, os.getcwd()):
+        if root and os.path.exists(os.path.join(root, "bench", "common.py")):
+            return os.path.join(root, "bench")
+    raise BenchError("no bench/ folder here: the benchmarks live in the fedledger repository, not in the installed "
+                     "package; run `fedledger bench` from a checkout of the repository")
+
+
+def resolve(names: list[str]) -> list[Suite]:
+    suites: list[Suite] = []
+    for name in names:
+        if name not in SUITES and name not in GROUPS:
+            raise BenchError(f"unknown bench suite {name!r}; choose from {', '.join([*SUITES, *GROUPS])}")
+        for n in GROUPS.get(name, (name,)):
+            if SUITES[n] not in suites:
+                suites.append(SUITES[n])
+    return suites
+
+
+def command(suite: Suite, bench: str, quick: bool, out: str | None) -> list[str]:
+    args = list(suite.quick if quick else suite.full)
+    if out is not None or quick:
+        args = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
+        target = out or os.path.join(bench, "results", "quick")
+        args += ["--out", os.path.join(target, "qlora_gpu") if suite.name == "qlora-gpu" else target]
+    return [sys.executable, os.path.join(bench, suite.script), *args]
+
+
+def run_suites(suites: list[Suite], quick: bool = False, out: str | None = None, bench: str | None = None,
+               show_progress: bool = True) -> dict[str, float]:
+    """Run the suites one after another; seconds per suite. Raises BenchError naming a failed suite."""
+    bench = bench or bench_folder()
+    root = os.path.dirname(bench)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_TELEMETRY_ENABLED": "0"}
+    seconds: dict[str, float] = {}
+    with _Bar(len(suites), show_progress) as bar:
+        for suite in suites:
+            if suite.gpu and not quick and not _has_cuda():
+                raise BenchError(f"bench {suite.name} measures a CUDA GPU and none is visible; run it with --quick "
+                                 f"for a CPU smoke run, or on a GPU machine")
+            bar.start(suite.name)
+            started = time.perf_counter()
+            done = subprocess.run(command(suite, bench, quick, out), cwd=root, env=env)
+            seconds[suite.name] = time.perf_counter() - started
+            if done.returncode != 0:
+                raise BenchError(f"bench {suite.name} failed (exit {done.returncode}); its output is above", code=1)
+            bar.advance()
+    return seconds
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class _Bar:
+    """A rich progress bar over the suites (only on a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.progress, self.task = total, enabled, None, None
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("bench {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=self.total)
+        return self
+
+    def start(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=name)
+        else:
+            print(f"fedledger: bench {name} ...", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def cmd_bench(args) -> int:
+    try:
+        suites = resolve(args.suites)
+        seconds = run_suites(suites, quick=args.quick, out=args.out)
+    except BenchError as exc:
+        print(f"fedledger: error: {exc}", file=sys.stderr)
+        return exc.code
+    out = args.out or os.path.join(bench_folder(), "results", *(("quick",) if args.quick else ()))
+    print("fedledger: bench " + ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items()) + f"; results in {out}")
+    return 0
+
+
+def add_bench_command(subparsers) -> None:
+    listing = "\n".join(f"  {s.name:<20} {s.about}" for s in SUITES.values())
+    b = subparsers.add_parser("bench", help="run benchmark suites of bench/ (JSON + markdown + PNG in bench/results)",
+                              description=f"suites:\n{listing}\n  trust                robustness + serverless-trust + "
+                                          f"trust-speed\n  all                  every CPU suite",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("suites", nargs="+", metavar="SUITE", help="suite name(s), 'trust' or 'all'")
+    b.add_argument("--quick", action="store_true", help="smoke sizes (CI), results in bench/results/quick")
+    b.add_argument("--out", default=None, help="results folder (default bench/results, or bench/results/quick)")
+    b.set_defaults(func=cmd_bench)
