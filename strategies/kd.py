@@ -45,7 +45,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedledger.core import softlabels
 from fedledger.core.pipeline import RoundReport, fill_report, identify_updates, to_record, verify_updates
 from fedledger.core.trust import apply_decision
-from fedledger.core.update import AUDIT_KEY, decode_global
+from fedledger.core.update import AUDIT_KEY, Rejected, decode_global
 
 from .framework import FrameworkRunner, RoundOutcome, RoundTally, RunContext
 
@@ -127,6 +127,9 @@ class KDRunner(FrameworkRunner):
         report = RoundReport(server_round)
         instruction = self.instruction(server_round)   # audited: train.kd and the logit query carry it
         trained = tally.send(self._train_contents(run, server_round, instruction), server_round, TRAIN)
+        # a node that refused to train (e.g. its chain check failed) is not asked for logits; its reason is kept
+        refused = [Rejected(run.relay.node_of[p], f"train: client error: {reason}")
+                   for p, reason in sorted(getattr(run.relay, "last_errors", {}).items())]
         ids = self.public_ids(server_round)
         query = softlabels.LogitQuery(ids, self.server.rows(ids), self.k, self.temperature, self.server.vocab_size)
         replies = tally.send({p: self._query_content(query, server_round, instruction) for p in sorted(trained)},
@@ -134,6 +137,7 @@ class KDRunner(FrameworkRunner):
         report.sent, report.received = len(trained), len(replies)
 
         updates, rejected = softlabels.decode_logit_replies(replies.values(), query, self.max_examples)
+        rejected = refused + list(rejected)
         updates, rejected = identify_updates(self.identities, updates, rejected)
         if self.trail is not None:
             updates, rejected = verify_updates(self.trail, server_round, updates, rejected)

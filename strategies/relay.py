@@ -106,6 +106,7 @@ class Relay:
             self.messages_to[peer] += 1
             msgs.append(msg)
         self.messages += len(msgs)
+        self.last_errors: dict[int, str] = {}   # peer -> the reason of its error reply, for this send
         out: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             peer = self.peer_of.get(int(reply.metadata.src_node_id))
@@ -113,6 +114,7 @@ class Relay:
                 continue
             if reply.has_error():
                 log.warning("%s: peer %s replied with error: %s", self.owner, peer, reply.error.reason)
+                self.last_errors[peer] = str(reply.error.reason)
                 continue
             n = message_nbytes(reply)
             self.bytes += n

@@ -144,6 +144,8 @@ class SplitRunner(FrameworkRunner):
             replies = tally.send({p: self._content(run, server_round, step, grads.get(p)) for p in active},
                                  server_round, MESSAGE_TYPE)
             gone = [p for p in active if p not in replies]
+            for p, reason in sorted(getattr(run.relay, "last_errors", {}).items()):   # e.g. a failed chain check
+                rejected.append(Rejected(run.relay.node_of[p], f"step {step}: client error: {reason}"))
             if gone:
                 log.warning("split: round %s step %s: no answer from partitions %s; skipped for the rest of the round",
                             server_round, step, gone)
