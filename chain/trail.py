@@ -36,7 +36,8 @@ three aggregator transactions whatever the number of clients:
        "trust":    the trust decision (TrustDecision.to_dict()) or null,
        "aggregate-hash" (the zero hash when the round aggregated nothing), "aggregate-error",
        ... the round's own fields (``RoundReport.record``; KD and split rounds add theirs:
-       "framework", the logit query, "next-global-hash", "server-part" ...)}
+       "framework", the logit query, "soft-labels-hash", "server-part-hash" ...; a KD
+       round commits its next global adapter as the aggregate)}
 
   then ONE ``commitAggregate(runId, round, aggregateHash, documentHash)`` transaction, with
   ``documentHash`` = SHA-256 of the file's bytes.

@@ -27,6 +27,13 @@ model at all, an uplink *and* downlink of logits only) and the server never hold
 model; its quality is the mean of the clients' own models, which they evaluate themselves
 (``query.kd_evaluate``).
 
+Audited (variant ``server`` only; ``client`` with an audit is refused at start-up): ``train.kd``
+and the logit query carry the round's ``audit`` instruction; a client checks the chain before it
+trains and signs its logit reply with the EIP-712 commitment of an adapter update (update hash =
+the reply's arrays, global hash = the adapter ``train.kd`` carried, num-examples = its weight).
+The round commits the **next global adapter** as its aggregate (so the chain's current global is
+what the next round sends) and names the soft labels by hash (``soft-labels-hash``).
+
 The server-side ML (distillation, the server model's distribution for trust) is handed in as a
 :class:`KDServer` (the glue builds it from ``clients/distill.py``), so this module stays free
 of torch.
