@@ -32,7 +32,14 @@ def _row_counts(examples: list[dict]) -> np.ndarray:
 
 
 def _answer_logits(model, batch: dict) -> torch.Tensor:
-    """(rows, vocab) logits at the batch's answer positions, example by example, left to right."""
+    """(rows, vocab) logits at the batch's answer positions, example by example, left to right.
+    Where the chunked loss applies (``clients.loss.fused_loss_supported``) the LM head runs on the
+    answer positions only (rows x vocabulary, never batch x length x vocabulary)."""
+    from .loss import fused_loss_supported, labelled_hidden
+
+    if fused_loss_supported(model):
+        hidden, _, head = labelled_hidden(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return head(hidden)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     mask = batch["labels"][:, 1:] != -100
     return logits[mask]

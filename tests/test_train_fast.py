@@ -169,3 +169,19 @@ def test_the_throughput_bench_runs_on_a_gpu_with_the_plain_baseline_beside_it(tm
                                      "--steps", "2", "--no-write"])
     assert out["device"] == "cuda" and out["median-tokens-per-second"]["plain HF + peft"] > 0
     assert all(r > 0 for r in out["ratio-to-plain"].values())
+
+
+def test_kd_answer_logits_come_from_the_head_on_the_answer_positions_only(tiny):
+    """KD's logit replies and distillation take the LM head over the answer rows only (rows x
+    vocabulary), the same values as the full logits at those positions."""
+    from fedledger.clients import distill
+
+    tok, examples = tiny
+    model = _lora(tok)
+    model.eval()
+    batch = data_lib.collate(examples[:6], tok.pad_token_id)
+    with torch.no_grad():
+        ours = distill._answer_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert loss_lib.fused_loss_supported(model)
+    torch.testing.assert_close(ours, full[batch["labels"][:, 1:] != -100], rtol=0, atol=1e-6)
