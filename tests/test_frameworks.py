@@ -345,3 +345,15 @@ def test_fedavg_reports_accuracy_exact_match_and_the_same_client_accounting(feda
     assert sorted(c) == [0, 1, 2] and all(v["round-trips"] == 1 and v["bytes-up"] == v["bytes-down"] > 0
                                           for v in c.values())
     assert all(v["flops"] > 0 and v["compute-seconds"] > 0 for v in c.values())
+
+
+def test_audited_kd_and_split_runs_under_fedledger_runs_live_line(tmp_path, monkeypatch):
+    """``fedledger run`` wraps the trail for its live line (``progress.ProgressTrail``): the KD and
+    split runners' own trail calls (``artifact``) go through it."""
+    from fedledger import progress
+
+    monkeypatch.setenv("FEDLEDGER_PROGRESS", "1")
+    assert progress.enabled()
+    for strategy in ("kd", "split"):
+        _, folder, _ = _run(tmp_path / strategy, {"strategy": strategy, "audit": "eth-tester", "local-steps": 1})
+        assert not audit_run(folder).problems
