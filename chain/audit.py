@@ -49,9 +49,36 @@ Then, walking the rounds in order, one row per finding:
                      its bytes match the round document, but nobody signed it;
 - ``NOT-RECOMPUTED`` the aggregate's hash matches, but the rule cannot be replayed (a user's own
                      class, custom callables, a run record the chain does not vouch for) or its
-                     inputs are unavailable;
+                     inputs are unavailable; or a server-side step the audit cannot re-run
+                     (KD-FedLLM's distillation into the next global adapter, Split-FedLLM's
+                     server part: rows of kind ``server``);
 - ``NO-CHAIN``       the events are the run folder's ``events.jsonl``: the copy an eth-tester run
                      kept of a chain that ended with it, written by the aggregator itself.
+
+The run's record names its **framework** (``run.json`` ``framework``; absent: FedLLM, parameter
+sharing), and the audit's header names it. Every client record of every framework is the same
+EIP-712 commitment (chain id, registry, run id, round, global hash, update hash, example count,
+:class:`~.signing.Commitment`), recorded and checked the same way; what its fields mean:
+
+- FedLLM: update hash = the adapter update; global hash = the global adapter the round sent;
+  num-examples = the update's FedAvg weight. The aggregate is the next round's global.
+- KD-FedLLM (``kd-variant="server"``; the client variant is refused with an audit at start-up):
+  update hash = the canonical hash of the logit reply (``values``, ``ids``, ``public-ids``);
+  global hash = the global adapter that round's ``train.kd`` carried (the client trained from
+  it and computed its logits with the adapter it trained from it); num-examples = the weight
+  of its soft labels in the aggregate (its private example count). The soft labels
+  (``soft-labels-hash``, ``<round>/soft-labels.safetensors``) are recomputed bit-exactly from
+  the recorded replies (``core.softlabels``, row ``soft-labels``). The **committed aggregate
+  is the next global adapter** (the server distilled the soft labels into it: NOT-RECOMPUTED,
+  kind ``server``; or, when nothing was distilled, the round's global unchanged: checked), so
+  that the chain's current global is always the adapter the next round sends.
+- Split-FedLLM: update hash = the client-side adapter plus its ``activations-digest`` (the
+  digest chain of every activation message it sent that round, ``core.digest``); global hash =
+  the global client-side adapter the round's first ``train.split`` message carried; num-examples
+  = its FedAvg weight. The digest must be the one the server recorded receiving (round.json
+  ``activations``); the aggregate (FedAvg of the client-side adapters) is recomputed; the
+  server part is recorded by hash and checked against its file, NOT-RECOMPUTED (kind
+  ``server``: its inputs, the activations, are not kept).
 
 Verdict and exit code (:attr:`AuditReport.exit_code`): 0 every record verified, 1 problems found,
 3 no problem found but not everything verified. What the audit proves, and what stays trusted
@@ -90,10 +117,12 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_UNVERIFIED = 0, 1, 3
 
 STATUSES = ("OK", *PROBLEMS, "REJECTED", "ABSENT", *UNVERIFIED)
 # NOT-ON-CHAIN rows are problems: a record the run made and the chain does not hold is a record lost
-KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest", "participation")
+KINDS = ("update", "rejected", "aggregate", "global", "document", "run", "contest", "participation", "server")
 ADDRESS_FILE = re.compile(r"(0x[0-9a-f]{40})\.safetensors")   # a signed update's file (unsigned: identity key)
 #: how a client's refusal names the round it was dropped from (chain.inclusion writes it)
 DROP_CLAIM = re.compile(r"my signed record of round (\d+) \(update (0x[0-9a-f]{64})\) is not on chain")
+FRAMEWORKS = {"fedllm": "FedLLM (parameter sharing)", "kd-fedllm": "KD-FedLLM (knowledge distillation)",
+              "split-fedllm": "Split-FedLLM (split learning)"}
 
 
 @dataclass(frozen=True)
@@ -122,6 +151,7 @@ class AuditReport:
     aggregator: str = "?"
     enrolled: int = 0
     admin_pinned: bool = False
+    framework: str = "FedLLM (parameter sharing)"
 
     def _with(self, statuses) -> list[Row]:
         return [r for r in self.rows if r.status in statuses]
@@ -164,9 +194,11 @@ class AuditReport:
         gaps = []
         if self._with(("NO-CHAIN",)):
             gaps.append("the events are the aggregator's own copy (no chain to check them against)")
-        if self.not_recomputed:
-            reasons = "; ".join(dict.fromkeys(r.detail for r in self.not_recomputed))
-            gaps.append(f"{len(self.not_recomputed)} aggregate(s) NOT RECOMPUTED ({reasons})")
+        for kind, what in (("aggregate", "aggregate(s)"), ("server", "server step(s)")):
+            rows = [r for r in self.not_recomputed if r.kind == kind]
+            if rows:
+                reasons = "; ".join(dict.fromkeys(r.detail for r in rows))
+                gaps.append(f"{len(rows)} {what} NOT RECOMPUTED ({reasons})")
         if self.unsigned:
             gaps.append(f"{len(self.unsigned)} update(s) UNSIGNED (accepted without a signed record)")
         if gaps:
@@ -179,7 +211,7 @@ class AuditReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "exit-code": self.exit_code, "verdict": self.verdict, "run-id": self.run_id,
                 "registry-address": self.registry, "chain-id": self.chain_id, "source": self.source,
-                "rule": self.rule, "admin": self.admin, "admin-pinned": self.admin_pinned,
+                "framework": self.framework, "rule": self.rule, "admin": self.admin, "admin-pinned": self.admin_pinned,
                 "aggregator": self.aggregator, "enrolled": self.enrolled, "seconds": round(self.seconds, 3),
                 "records": sum(1 for r in self.rows if r.kind == "update"), "problems": len(self.problems),
                 "rejected": len(self.rejected), "absent": len(self.absent),
@@ -188,8 +220,8 @@ class AuditReport:
 
     def table(self) -> str:
         pin = "pinned with --admin" if self.admin_pinned else "not pinned: pass --admin ADDRESS to require it"
-        lines = [f"audit of run {self.run_id} ({self.rule}): registry {self.registry} on chain {self.chain_id} "
-                 f"({self.source})",
+        lines = [f"audit of run {self.run_id} ({self.framework}; {self.rule}): registry {self.registry} on chain "
+                 f"{self.chain_id} ({self.source})",
                  f"admin {self.admin} ({pin}), aggregator {self.aggregator}, {self.enrolled} signer(s) enrolled at "
                  f"run open",
                  f"{'round':>5}  {'client':<42}  {'status':<14}  detail"]
@@ -283,7 +315,20 @@ def audit_run(run_folder: str, rpc_url: str | None = None, registry_address: str
     rows = walk.rows()
     return AuditReport(walk.run_id, chain.registry, chain.chain_id, chain.source, walk.replay.rule, tuple(rows),
                        time.perf_counter() - start, admin=chain.admin, aggregator=chain.aggregator,
-                       enrolled=len(walk.enrolled_at_open), admin_pinned=admin is not None)
+                       enrolled=len(walk.enrolled_at_open), admin_pinned=admin is not None,
+                       framework=framework_label(run) + (" (named by a run.json the chain does not vouch for)"
+                                                         if walk.run_untrusted else ""))
+
+
+def framework_label(run: Mapping) -> str:
+    """Which framework the run's record says it used, in words."""
+    name = str(run.get("framework", "fedllm"))
+    label = FRAMEWORKS.get(name, name)
+    if name == "kd-fedllm":
+        return f"{label}, {'the server distils' if run.get('kd-variant') == 'server' else 'the clients distil'}"
+    if name == "split-fedllm":
+        return f"{label}, cut after block {run.get('split-layer')}"
+    return label
 
 
 def _read_run(store: ArtifactStore) -> tuple[bytes, dict]:
@@ -324,6 +369,9 @@ class RunAudit:
         self.run_untrusted: str | None = None     # why run.json's rule must not be used
         self.run_hash_flagged = False
         self.replay = Replay(run)
+        self.framework = str(run.get("framework", "fedllm"))
+        self.record_kind = {"kd-fedllm": "signed logit reply, ",
+                            "split-fedllm": "signed adapter + activations digest, "}.get(self.framework, "")
 
     def rows(self) -> list[Row]:
         out = self._run_rows()
@@ -468,11 +516,101 @@ class RunAudit:
         rows += self._contests(rnd, chain)
         if doc is not None:
             rows += [_rejected_row(rnd, r) for r in doc.get("rejected", [])]
+            rows += self._activation_rows(rnd, doc, entries)
             rows += self._drop_claims(rnd, doc)
         rows += self._absent(rnd, chain, doc)
         global_arrays = self._global(rnd, chain, doc, rows)
-        rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
+        if self.framework == "kd-fedllm":
+            rows += self._kd_rows(rnd, chain, doc, global_arrays, entries)
+        else:
+            rows.append(self._aggregate(rnd, chain, doc, global_arrays, entries))
+        if doc is not None:
+            rows += self._server_rows(rnd, doc)
         return rows
+
+    def _kd_rows(self, rnd: int, chain: _Round, doc: dict | None, global_arrays, entries) -> list[Row]:
+        """KD: the soft labels recomputed from the recorded logit replies (``soft-labels-hash``),
+        and the committed aggregate, which is the next global adapter (distilled by the server:
+        not recomputed; or this round's global, unchanged)."""
+        recomputed, why_not = self._replay(rnd, doc, global_arrays, entries)
+        if chain.commit is None:
+            return [Row(rnd, "aggregate", "MISSING", "round opened on chain but never committed", "aggregate")]
+        committed = chain.commit["aggregate-hash"]
+        if doc is not None and doc.get("aggregate-hash") != committed:
+            return [Row(rnd, "round.json", "MISMATCH", "round.json names another aggregate than the chain", "document")]
+        rows = []
+        want = doc.get("soft-labels-hash") if doc is not None else None
+        if doc is None:
+            pass
+        elif want is None:
+            rows.append(Row(rnd, "soft-labels", "MISMATCH", f"round {rnd}: the recorded logit replies aggregate to soft "
+                                                            f"labels, but the round records none", "aggregate")
+                        if recomputed is not None else
+                        Row(rnd, "soft-labels", "NO-AGGREGATE", _nothing_learned(doc), "aggregate"))
+        else:
+            h, _ = _hash_file(self.store.artifact_path(rnd, "soft-labels"))
+            status = _file_status(h, want, "stored soft labels", "round.json")
+            if status is not None:
+                rows.append(Row(rnd, "soft-labels", *status, kind="aggregate"))
+            elif why_not is not None:
+                rows.append(Row(rnd, "soft-labels", "NOT-RECOMPUTED", why_not, "aggregate"))
+            elif recomputed is not None and update_hash(recomputed) == want:
+                rows.append(Row(rnd, "soft-labels", "OK", f"{self.replay.rule} recomputed bit-exactly from the signed "
+                                                          f"logit replies", "aggregate"))
+            else:
+                rows.append(Row(rnd, "soft-labels", "MISMATCH", f"round {rnd}: the recorded soft labels are not what "
+                                                                f"{self.replay.rule} computes from the signed logit "
+                                                                f"replies and their signed example counts", "aggregate"))
+        if committed == ZERO_HASH:
+            rows.append(Row(rnd, "aggregate", "NO-AGGREGATE", "the round committed no next global adapter", "aggregate"))
+            return rows
+        h, _ = _hash_file(self.store.aggregate_path(rnd))
+        status = _file_status(h, committed, "stored next global adapter", "chain")
+        if status is not None:
+            rows.append(Row(rnd, "aggregate", *status, kind="aggregate"))
+        elif doc is None:
+            rows.append(Row(rnd, "aggregate", "NOT-RECOMPUTED", f"the inputs of round {rnd} are not all verified (see "
+                                                                f"the rows above)", "aggregate"))
+        elif doc.get("server-distilled"):
+            rows.append(Row(rnd, "next-global", "NOT-RECOMPUTED", "the committed aggregate is the next global adapter, "
+                                                                  "which the server distilled from the soft labels; "
+                                                                  "the audit cannot re-train it", "server"))
+        elif committed == doc.get("global-hash"):
+            rows.append(Row(rnd, "aggregate", "OK", "nothing was distilled: the committed next global adapter is this "
+                                                    "round's, unchanged", "aggregate"))
+        else:
+            rows.append(Row(rnd, "aggregate", "MISMATCH", "the committed next global adapter differs from this round's, "
+                                                          "but the round records no distillation", "aggregate"))
+        return rows
+
+    # ----------------------------------------------------------------- KD and split rounds
+    def _activation_rows(self, rnd: int, doc: dict, entries) -> list[Row]:
+        """Split: the activation digest each client signed is the one the server recorded receiving."""
+        recorded = doc.get("activations")
+        if recorded is None or not entries:
+            return []
+        rows = []
+        for key, node, arrays, _ in entries:
+            signed = bytes(np.asarray(arrays.get("activations-digest", []), dtype=np.uint8)).hex()
+            partition = key.removeprefix("partition-")
+            want = recorded.get(partition, {}).get("digest")
+            if signed != want:
+                rows.append(Row(rnd, key, "MISMATCH", f"the signed activations digest {signed[:12]}... is not the "
+                                                      f"digest round.json records for {key} ({str(want)[:12]}...)"))
+        return rows
+
+    def _server_rows(self, rnd: int, doc: dict) -> list[Row]:
+        """Split: the server part the round records by hash, checked against its file and reported
+        as not recomputed (the audit cannot re-train it: its inputs, the activations, are not kept)."""
+        if "server-part-hash" not in doc:
+            return []
+        h, _ = _hash_file(self.store.artifact_path(rnd, "server-part"))
+        status = _file_status(h, doc["server-part-hash"], "stored server part", "round.json")
+        if status is not None:
+            return [Row(rnd, "server-part", *status, kind="server")]
+        return [Row(rnd, "server-part", "NOT-RECOMPUTED", f"the server part trained on {doc.get('server-steps', '?')} "
+                                                          "activation messages that are not kept (they can be "
+                                                          "inverted); the audit cannot re-run it", "server")]
 
     def _absent(self, rnd: int, chain: _Round, doc: dict | None) -> list[Row]:
         """The clients enrolled at run open that the committed round neither records nor lists. None
@@ -574,7 +712,7 @@ class RunAudit:
         signed, detail = self._signature(rnd, record, self._round_global(chain), doc)
         if signed is not None:
             return Row(rnd, client, signed, detail), arrays
-        return Row(rnd, client, "OK", f"{record['num-examples']} examples"), arrays
+        return Row(rnd, client, "OK", f"{self.record_kind}{record['num-examples']} examples"), arrays
 
     def _signature(self, rnd: int, record: dict, round_global: str | None, doc: dict | None
                    ) -> tuple[str | None, str]:

@@ -66,10 +66,17 @@ class SigningKeyError(ValueError):
 
 
 # ---------------------------------------------------------------------------- the mod
+#: fedledger's own framework messages whose handler checks the chain and signs by itself
+#: (:func:`check_framework`, :func:`sign_framework`): a ``train.split`` message carries the
+#: global client-side adapter only at step 1 and a gradient after it, and only the round's last
+#: reply is an update; a ``train.kd_distill`` reply carries no update at all.
+SELF_AUDITED = frozenset({"train.split", "train.kd_distill"})
+
+
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: check the chain, then sign the train reply of any ClientApp (see the
     module docstring)."""
-    if not _is_train(msg) or not signs(context):
+    if not _is_train(msg) or not signs(context) or msg.metadata.message_type in SELF_AUDITED:
         return call_next(msg, context)
     try:
         key = node_key(context)
@@ -86,6 +93,8 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
+    if instruction is not None and not reply.content.array_records and reply.metadata.message_type == "train.kd":
+        return reply   # KD's train reply carries metrics only; its signed update is the logit reply
     problem, record, weight = _signable(reply, instruction, server_round, global_hash)
     if problem is not None:
         log(WARNING, "fedledger: the train reply of node %s goes out unsigned: %s; the server refuses it",
@@ -105,6 +114,58 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     inclusion.remember(context, inclusion.Sent(instruction.chain_id, instruction.registry, server_round,
                                                global_hash, audit["update-hash"], weight, audit["signature"]))
     return reply
+
+
+# ---------------------------------------------------------------------------- framework replies
+def check_framework(msg: Message, context: Context, global_hash: str) -> Message | None:
+    """For a handler that signs by itself (:data:`SELF_AUDITED`, KD's logit query): before it
+    trains, the same chain check as the mod's, for the global model ``global_hash`` it received.
+    None: go on (or the run is not audited, or the server sent no instruction: the reply then
+    goes out unsigned and the server refuses it); else the error reply to send instead."""
+    if not signs(context):
+        return None
+    try:
+        key = node_key(context)
+        instruction = Instruction.of(msg)
+    except (SigningKeyError, ValueError) as exc:
+        return _refuse(msg, context, str(exc))
+    if instruction is None:
+        return None
+    try:
+        inclusion.check_before_training(context, instruction, global_hash, key)
+    except inclusion.Refusal as refusal:
+        return _refuse(msg, context, str(refusal))
+    return None
+
+
+def sign_framework(msg: Message, context: Context, arrays, global_hash: str | None, weight: int
+                   ) -> ConfigRecord | None:
+    """The reply's ``audit`` record for a handler that signs by itself: the same EIP-712
+    commitment as an adapter update's (``update-hash`` = the canonical hash of ``arrays``,
+    ``global-hash`` = the global model this node received and trained from, ``num-examples`` =
+    ``weight``), remembered for the next round's chain check. None (one log line) when the run is
+    not audited or it cannot sign; the server then refuses the reply with its reason."""
+    if not signs(context):
+        return None
+    try:
+        key = node_key(context)
+        instruction = Instruction.of(msg)
+    except (SigningKeyError, ValueError) as exc:
+        log(WARNING, "fedledger: the reply of node %s goes out unsigned: %s", context.node_id, exc)
+        return None
+    if instruction is None or global_hash is None:
+        log(WARNING, "fedledger: the reply of node %s goes out unsigned: %s", context.node_id,
+            "the message carries no 'audit' instruction" if instruction is None else
+            "this node holds no global model of this round (its train message did not reach it)")
+        return None
+    from . import signing
+
+    commitment = signing.Commitment(instruction.chain_id, instruction.registry, instruction.ledger_run(context),
+                                    instruction.server_round, global_hash, "", int(weight))
+    audit = signing.audit_record(arrays, commitment, key.account)
+    inclusion.remember(context, inclusion.Sent(instruction.chain_id, instruction.registry, instruction.server_round,
+                                               global_hash, audit["update-hash"], int(weight), audit["signature"]))
+    return ConfigRecord(audit)
 
 
 def _refuse(msg: Message, context: Context, reason: str) -> Message:
@@ -297,5 +358,5 @@ def _truthy(value) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
-__all__ = ["ALLOW_SIMULATION_KEYS", "KEY_FILE", "NodeKey", "SigningKeyError", "audit_mod", "audited",
-           "flower_runtime", "instruction_round", "node_key", "signs"]
+__all__ = ["ALLOW_SIMULATION_KEYS", "KEY_FILE", "NodeKey", "SELF_AUDITED", "SigningKeyError", "audit_mod", "audited",
+           "check_framework", "flower_runtime", "instruction_round", "node_key", "sign_framework", "signs"]

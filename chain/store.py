@@ -18,6 +18,9 @@ Layout under ``<run folder>/audit/``::
                                     the identity key of an unsigned update)
     round-0001/aggregate.safetensors
     round-0001/round.json           the round document (see ``fedledger.chain.trail``)
+    round-0001/<name>.safetensors   what else the round's document names by hash (KD-FedLLM: the
+                                    next global adapter ``next-global``; Split-FedLLM: the
+                                    server part ``server-part``)
 
 ``run.json`` and ``round.json`` are canonical JSON (``hashing.canonical_json``: sorted keys, no
 whitespace, ASCII). The SHA-256 of a ``round.json`` file's bytes is the ``documentHash``
@@ -83,6 +86,10 @@ class ArtifactStore:
 
     def aggregate_path(self, server_round: int) -> str:
         return os.path.join(self.round_dir(server_round), "aggregate.safetensors")
+
+    def artifact_path(self, server_round: int, name: str) -> str:
+        """A round's extra tensors (KD: ``next-global``; split: ``server-part``)."""
+        return os.path.join(self.round_dir(server_round), f"{name}.safetensors")
 
     def round_path(self, server_round: int) -> str:
         return os.path.join(self.round_dir(server_round), ROUND_FILE)

@@ -34,7 +34,10 @@ three aggregator transactions whatever the number of clients:
                    (every accepted update, in record order),
        "rejected": [{"node-id", "partition", "signer", "reason", "stage"}, ...],
        "trust":    the trust decision (TrustDecision.to_dict()) or null,
-       "aggregate-hash" (the zero hash when the round aggregated nothing), "aggregate-error"}
+       "aggregate-hash" (the zero hash when the round aggregated nothing), "aggregate-error",
+       ... the round's own fields (``RoundReport.record``; KD and split rounds add theirs:
+       "framework", the logit query, "soft-labels-hash", "server-part-hash" ...; a KD
+       round commits its next global adapter as the aggregate)}
 
   then ONE ``commitAggregate(runId, round, aggregateHash, documentHash)`` transaction, with
   ``documentHash`` = SHA-256 of the file's bytes.
@@ -235,6 +238,10 @@ class LedgerTrail:
                     "global-hash": held["global-hash"], "updates": [r.to_dict() for r in held["updates"]],
                     "rejected": held["rejected"], "trust": report.trust, "aggregate-hash": agg_hash,
                     "aggregate-error": report.aggregate_error}
+        clash = sorted(set(document) & set(report.record))
+        if clash:
+            raise ValueError(f"round {server_round}: report.record keys {clash} collide with the round document")
+        document.update(report.record)
         doc_hash = self.store.write_round(server_round, document)
         self._write({"op": "commit", "run-id": self.run_id, "round": int(server_round), "aggregate-hash": agg_hash,
                      "document-hash": doc_hash})
@@ -244,6 +251,12 @@ class LedgerTrail:
         self._globals.pop(server_round, None)
         self._signers.pop(server_round, None)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != server_round}
+
+    def artifact(self, server_round: int, name: str, arrays: Mapping[str, np.ndarray]) -> str:
+        """Store one more tensor set of the round (``<round>/<name>.safetensors``) and return its
+        hash, for the round document to name (KD: the next global adapter; split: the server part)."""
+        self.store.save_arrays(self.store.artifact_path(server_round, name), arrays)
+        return update_hash(arrays)
 
     # ----------------------------------------------------------------- resume
     def position(self) -> dict:

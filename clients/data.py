@@ -9,7 +9,12 @@ Records are plain dicts ``{"category": str, "prompt": str, "response": str}``.
 
 Split order (all seeded): held-out evaluation split (stratified by category, never trained on)
 → a small server "root" split (for FLTrust-style trust references; kept apart from evaluation)
-→ the rest is partitioned over clients with a flwr-datasets partitioner.
+→ a "public" split (``public_size`` records; KD-FedLLM's public set, known to server and
+clients, trained on by nobody privately) → the rest, plus generated training tasks
+(``clients/tasks.py``), is partitioned over clients with a flwr-datasets partitioner. The
+held-out task set (exact match) is generated apart from the training tasks.
+A public set can also come from a file (:func:`load_public_file`); :func:`overlap` says how
+many of its records are held-out records (the run refuses any).
 """
 
 from __future__ import annotations
@@ -169,12 +174,73 @@ def _natural_index(partitioner, group: int) -> int:
 
 
 def federated_splits(dataset: str, num_partitions: int, scheme: str, seed: int, heldout_fraction: float = 0.1,
-                     alpha: float = 0.5, root_fraction: float = 0.03) -> dict:
-    """Everything a run needs: ``{"partitions", "heldout", "root"}`` (deterministic for a seed)."""
+                     alpha: float = 0.5, root_fraction: float = 0.03, public_size: int = 0, public_file: str = "",
+                     task_eval_size: int = 0, task_train_size: int = 0) -> dict:
+    """Everything a run needs (deterministic for a seed): ``{"partitions", "heldout", "root",
+    "public", "tasks"}`` (``tasks``: the held-out task set for exact match)."""
+    from .tasks import task_split
+
     records = load_corpus(dataset)
     train, heldout = split_heldout(records, heldout_fraction, seed)
     train, root = split_heldout(train, root_fraction, seed + 1) if root_fraction > 0 else (train, [])
-    return {"partitions": partition(train, num_partitions, scheme, seed, alpha), "heldout": heldout, "root": root}
+    if public_file:
+        public = load_public_file(public_file)
+    else:
+        train, public = split_public(train, public_size, seed + 2, exclude=heldout)
+    tasks, task_train = task_split(task_eval_size, task_train_size, seed + 3)
+    return {"partitions": partition(train + task_train, num_partitions, scheme, seed, alpha), "heldout": heldout,
+            "root": root, "public": public, "tasks": tasks}
+
+
+def split_public(records: list[dict], size: int, seed: int, exclude: list[dict] = ()
+                 ) -> tuple[list[dict], list[dict]]:
+    """(the rest, ``size`` records drawn with the seed): the public set, taken before partitioning.
+
+    The corpus repeats some (prompt, response) pairs; only pairs that occur once in ``records``
+    and never in ``exclude`` (the held-out split) are drawn, so no client holds a public record
+    privately and no public record is evaluation data."""
+    if size <= 0:
+        return records, []
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        counts[_pair(r)] += 1
+    banned = {_pair(r) for r in exclude}
+    candidates = [i for i, r in enumerate(records) if counts[_pair(r)] == 1 and _pair(r) not in banned]
+    if size >= len(candidates):
+        raise DataError(f"kd-public-size={size} leaves no private training data ({len(candidates)} records could "
+                        "be public); lower kd-public-size")
+    chosen = set(np.random.default_rng(seed).choice(candidates, size=size, replace=False).tolist())
+    return [r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen]
+
+
+def _pair(record: dict) -> tuple[str, str]:
+    return record["prompt"].strip(), record["response"].strip()
+
+
+def load_public_file(path: str) -> list[dict]:
+    """A public set from a JSON list or JSON-lines file of ``{"prompt", "response"}`` records."""
+    import json
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            text = fh.read()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"kd-public={path!r} cannot be read as JSON / JSON lines ({exc})") from None
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("response"), str):
+            raise DataError(f"kd-public={path!r}: record {i} is not {{\"prompt\": str, \"response\": str}}")
+        out.append({"category": str(r.get("category", "public")), "prompt": r["prompt"], "response": r["response"]})
+    if not out:
+        raise DataError(f"kd-public={path!r} holds no records")
+    return out
+
+
+def overlap(records: list[dict], others: list[dict]) -> int:
+    """How many of ``records`` are (prompt, response) pairs of ``others``."""
+    pairs = {_pair(r) for r in others}
+    return sum(_pair(r) in pairs for r in records)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -182,8 +248,10 @@ def chat_messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
 
 
-def tokenize(records: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Chat-format and tokenize; ``labels`` mask the prompt (-100) so loss is on the answer only."""
+def tokenize(records: list[dict], tokenizer, max_length: int, keep_all: bool = False) -> list[dict]:
+    """Chat-format and tokenize; ``labels`` mask the prompt (-100) so loss is on the answer only.
+    Records whose answer is cut off entirely are dropped, unless ``keep_all`` (then they keep
+    no answer token: the public set, whose ids must index the same records everywhere)."""
     out = []
     for r in records:
         messages = chat_messages(r)
@@ -192,7 +260,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int) -> list[dict]:
         ids = tokenizer(full_text, add_special_tokens=False)["input_ids"][:max_length]
         n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
-        if any(l != -100 for l in labels):
+        if keep_all or any(l != -100 for l in labels):
             out.append({"input_ids": ids, "labels": labels})
     return out
 

@@ -103,16 +103,29 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 chunk: int = CHUNK) -> tuple[float, int]:
     """(sum of the token cross-entropies, number of labelled tokens), for evaluation."""
+    total, count, _ = summed_loss_and_hits(model, input_ids, attention_mask, labels, chunk)
+    return total, count
+
+
+@torch.no_grad()
+def summed_loss_and_hits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         chunk: int = CHUNK) -> tuple[float, int, int]:
+    """(sum of the token cross-entropies, number of labelled tokens, how many of them are the
+    top-1 prediction), for evaluation. With the fused path the arg-max is taken chunk by chunk
+    from the same ``CHUNK`` x vocabulary logits as the loss: the full fp32 logits never exist."""
     if fused_loss_supported(model):
         hidden, target, head = labelled_hidden(model, input_ids, attention_mask, labels)
-        total = 0.0
+        total, hits = 0.0, 0
         for start in range(0, hidden.shape[0], chunk):
             logits = (hidden[start:start + chunk] @ head.weight.t()).float()
             t = target[start:start + chunk]
             total += float((torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1)).sum())
-        return total, int(target.numel())
+            hits += int((logits.argmax(-1) == t).sum())
+            del logits
+        return total, int(target.numel()), hits
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
-    return float(loss), int((target != IGNORE).sum())
+    answer = target != IGNORE
+    return float(loss), int(answer.sum()), int(((logits.argmax(-1) == target) & answer).sum())

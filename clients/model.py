@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -122,7 +123,7 @@ def tiny_tokenizer(vocab_size: int = 1024):
     return fast
 
 
-def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
+def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):  # layers: TINY_LAYERS
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -303,13 +304,14 @@ def get_adapter(model) -> dict[str, np.ndarray]:
     return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def set_adapter(model, arrays: dict[str, np.ndarray]) -> None:
-    """Load an adapter (``name -> array``) into the model, strictly: every LoRA tensor must be there."""
+def set_adapter(model, arrays: dict[str, np.ndarray], strict: bool = True) -> None:
+    """Load an adapter (``name -> array``) into the model. ``strict``: every LoRA tensor must be
+    there (``False``: load a part, e.g. one side of a split model; the rest stays as it is)."""
     from peft import set_peft_model_state_dict
 
     expected = set(get_adapter_names(model))
     missing = expected - set(arrays)
-    if missing:
+    if missing and strict:
         raise ModelError(f"adapter is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     with warnings.catch_warnings():  # read-only views of received bytes: only read, copied into the model
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -324,3 +326,38 @@ def get_adapter_names(model) -> list[str]:
     from peft import get_peft_model_state_dict
 
     return list(get_peft_model_state_dict(model).keys())
+
+
+# ----------------------------------------------------------------------------- facts before loading
+def model_facts(model: str = "smollm2", cache_dir: str | None = None) -> dict | None:
+    """``{"model-type", "num-layers", "vocab-size"}`` of a model reference, read from its config
+    only (no weights), so settings that depend on the model can be checked before it loads.
+    None when the config cannot be read here (a hub id without a hub)."""
+    if model == "tiny":
+        return {"model-type": "llama", "num-layers": TINY_LAYERS, "vocab-size": len(_tiny_tokenizer_cached())}
+    from transformers import AutoConfig
+
+    try:
+        if model == "smollm2":
+            folder = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct-fp32")
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                config = AutoConfig.from_pretrained(folder)
+            else:  # not converted yet: the GGUF's metadata says the same
+                config = AutoConfig.from_pretrained(os.path.dirname(_packaged_gguf()), gguf_file=SMOLLM2_GGUF)
+        elif os.path.isdir(os.path.expanduser(model)):
+            config = AutoConfig.from_pretrained(os.path.expanduser(model))
+        else:
+            return None
+    except (OSError, ValueError, ModelError):
+        return None
+    return {"model-type": str(getattr(config, "model_type", "?")),
+            "num-layers": int(getattr(config, "num_hidden_layers", 0) or 0),
+            "vocab-size": int(getattr(config, "vocab_size", 0) or 0)}
+
+
+TINY_LAYERS = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_cached():
+    return tiny_tokenizer()

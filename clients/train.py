@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .data import collate
-from .loss import causal_lm_loss, fused_loss_supported, summed_loss
+from .loss import causal_lm_loss, fused_loss_supported, summed_loss_and_hits
 
 
 def _device(model) -> torch.device:
@@ -128,16 +128,47 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max_batches: int | None = None) -> dict:
-    """Token-weighted mean loss over the answer tokens and its perplexity."""
+    """Token-weighted mean loss over the answer tokens, its perplexity, and top-1 next-token
+    accuracy on the same tokens (``accuracy``: the share of answer tokens whose most likely
+    prediction is the right one)."""
     model.eval()
     tune_allocator()
     device = _device(model)
-    total_loss, total_tokens = 0.0, 0
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    for batch_examples in batches[: max_batches or len(batches)]:
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    chosen = examples[: max_batches * batch_size] if max_batches else examples
+    # the same examples, batched by length: far less padding (sums over tokens do not depend on batching)
+    chosen = sorted(chosen, key=lambda e: len(e["input_ids"]))
+    batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+    for batch_examples in batches:
         batch = _to(collate(batch_examples, pad_id), device)
-        loss, count = summed_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss, count, hits = summed_loss_and_hits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         total_loss += loss
         total_tokens += count
+        correct += hits
     mean = total_loss / max(total_tokens, 1)
-    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "num-examples": sum(len(b) for b in batches[: max_batches or len(batches)])}
+    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(total_tokens, 1),
+            "num-examples": len(chosen)}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, tasks: list[dict], max_new_tokens: int = 8, batch_size: int = 32) -> float:
+    """Share of ``tasks`` whose greedy answer, stripped, is exactly the expected response."""
+    if not tasks:
+        return float("nan")
+    model.eval()
+    device = _device(model)
+    hits, side = 0, tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+    try:
+        for i in range(0, len(tasks), batch_size):
+            chunk = tasks[i:i + batch_size]
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t["prompt"]}], tokenize=False,
+                                                     add_generation_prompt=True) for t in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits += sum(a.strip() == t["response"] for a, t in zip(answers, chunk))
+    finally:
+        tokenizer.padding_side = side
+    return hits / len(tasks)

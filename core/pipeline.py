@@ -119,6 +119,7 @@ class RoundReport:
     metrics: dict = field(default_factory=dict)                # aggregated train metrics
     seconds: dict = field(default_factory=dict)                # per phase
     extra: dict = field(default_factory=dict)                  # observers' fields (exchange, ledger ...)
+    record: dict = field(default_factory=dict)                 # fields the round adds to its ledger document
 
     def to_dict(self) -> dict:
         d = {"round": self.round, "sent": self.sent, "bytes-sent": self.bytes_sent,
@@ -484,49 +485,72 @@ class RoundPipeline(Strategy):
 
     # ----------------------------------------------------------------- steps
     def _identify(self, updates: list[Update], rejected: list[Rejected]) -> tuple[list[Update], list[Rejected]]:
-        out, rejected = [], [self._with_identity(r) for r in rejected]
-        seen: set[str] = set()
-        for u in updates:
-            ident = self.identities.resolve(u.node_id)
-            if ident is None:
-                rejected.append(Rejected(u.node_id, "node is not part of this run (no identity)", "identity"))
-            elif ident.key in seen:
-                rejected.append(Rejected(u.node_id, f"{ident.key} already replied in this round", "identity", ident))
-            else:
-                seen.add(ident.key)
-                out.append(u.with_identity(ident))
-        return out, rejected
-
-    def _with_identity(self, r: Rejected) -> Rejected:
-        ident = self.identities.resolve(r.node_id) if r.node_id >= 0 else None
-        return Rejected(r.node_id, r.reason, r.stage, ident)
+        return identify_updates(self.identities, updates, rejected)
 
     def _verify(self, server_round: int, updates: list[Update], rejected: list[Rejected]
                 ) -> tuple[list[Update], list[Rejected]]:
-        out = []
-        for u in updates:
-            signer, reason = self.trail.verify(server_round, u)
-            if reason is not None:
-                rejected.append(Rejected(u.node_id, reason, "signature", u.identity))
-                continue
-            if signer is not None and u.identity.signer is None:
-                u = u.with_identity(Identity(u.identity.node_id, u.identity.partition, signer))
-            out.append(u)
-        return out, rejected
+        return verify_updates(self.trail, server_round, updates, rejected)
 
     def _fill(self, report: RoundReport, updates, rejected, decision, kept, metrics, error) -> None:
-        report.kept = [{**u.identity.to_dict(), "num-examples": u.num_examples} for u in updates]
-        report.rejected = [r.to_dict() for r in rejected]
-        for r in rejected:
-            log.warning("round %s: rejected the reply of node %s%s: %s", report.round, r.node_id,
-                        f" ({r.identity.key})" if r.identity and r.identity.partition is not None else "", r.reason)
-        if decision is not None:
-            report.trust = decision.to_dict()
-            excluded = set(decision.excluded)
-            report.distrusted = [u.identity.to_dict() for u in updates if u.identity.key in excluded]
-        report.aggregated = len(kept) if not error else 0
-        report.aggregate_error = error
-        report.metrics = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, (int, float))}
+        fill_report(report, updates, rejected, decision, len(kept), metrics, error)
+
+
+# ---------------------------------------------------------------------------- shared steps
+def identify_updates(identities: Identities, updates: Sequence[Update], rejected: Sequence[Rejected]
+                     ) -> tuple[list[Update], list[Rejected]]:
+    """Step 2: each update gets the identity resolved once for its node (unknown nodes and a second
+    reply of one identity are rejected); rejected replies get theirs too. The KD and split runners
+    call this as the pipeline does."""
+    out, refused = [], [_with_identity(identities, r) for r in rejected]
+    seen: set[str] = set()
+    for u in updates:
+        ident = identities.resolve(u.node_id)
+        if ident is None:
+            refused.append(Rejected(u.node_id, "node is not part of this run (no identity)", "identity"))
+        elif ident.key in seen:
+            refused.append(Rejected(u.node_id, f"{ident.key} already replied in this round", "identity", ident))
+        else:
+            seen.add(ident.key)
+            out.append(u.with_identity(ident))
+    return out, refused
+
+
+def fill_report(report: RoundReport, updates: Sequence[Update], rejected: Sequence[Rejected],
+                decision: TrustDecision | None, aggregated: int, metrics, error: str | None) -> None:
+    """The round's outcome into ``report`` (kept, rejected with a log line each, trust, counts)."""
+    report.kept = [{**u.identity.to_dict(), "num-examples": u.num_examples, "metrics": dict(u.metrics)}
+                   for u in updates]
+    report.rejected = [r.to_dict() for r in rejected]
+    for r in rejected:
+        log.warning("round %s: rejected the reply of node %s%s: %s", report.round, r.node_id,
+                    f" ({r.identity.key})" if r.identity and r.identity.partition is not None else "", r.reason)
+    if decision is not None:
+        report.trust = decision.to_dict()
+        excluded = set(decision.excluded)
+        report.distrusted = [u.identity.to_dict() for u in updates if u.identity.key in excluded]
+    report.aggregated = aggregated if not error else 0
+    report.aggregate_error = error
+    report.metrics = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _with_identity(identities: Identities, r: Rejected) -> Rejected:
+    ident = identities.resolve(r.node_id) if r.node_id >= 0 else None
+    return Rejected(r.node_id, r.reason, r.stage, ident)
+
+
+def verify_updates(trail: AuditTrail, server_round: int, updates: Sequence[Update], rejected: Sequence[Rejected]
+                   ) -> tuple[list[Update], list[Rejected]]:
+    """Step 3: the trail checks each update's signed record; the verified signer joins the identity."""
+    out, rejected = [], list(rejected)
+    for u in updates:
+        signer, reason = trail.verify(server_round, u)
+        if reason is not None:
+            rejected.append(Rejected(u.node_id, reason, "signature", u.identity))
+            continue
+        if signer is not None and u.identity.signer is None:
+            u = u.with_identity(Identity(u.identity.node_id, u.identity.partition, signer))
+        out.append(u)
+    return out, rejected
 
 
 def _arrayrecord(update: Update, layout: Layout) -> ArrayRecord:

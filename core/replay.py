@@ -9,7 +9,9 @@ rule the recomputed aggregate is bit-identical to an honest aggregator's. Statef
 (FedAdam, FedYogi, FedAdagrad, FedAvgM) are replayed round by round, so their server state is
 rebuilt too. A rule the auditor cannot rebuild (a user's own class, a custom callable, a DP
 wrapper that adds noise) gets a reason instead of a result: the audit then says it did not
-recompute that aggregate.
+recompute that aggregate. KD-FedLLM's rule (``core.softlabels``, ``SoftLabelAverage``) is
+replayed the same way: the recorded logit replies, weights and trust decision give the
+aggregated soft labels again, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from . import softlabels
 from .pipeline import aggregate_contributions, reply_metadata, strategy_class, to_record
 from .trust import TrustDecision, apply_decision
 from .update import Layout
@@ -38,7 +41,10 @@ class Replay:
         layout = run.get("layout")
         self.layout = Layout({n: (tuple(s), np.dtype(d)) for n, s, d in layout}) if layout else None
         cls = strategy_class(spec)
-        if self.layout is None:
+        self.soft: dict | None = None
+        if self.rule == softlabels.RULE and spec.get("module") == softlabels.__name__:
+            self.soft = dict(spec.get("params", {}))
+        elif self.layout is None:
             self.reason = "the run's record has no adapter layout"
         elif cls is None:
             why = f"custom callables {spec['custom']}" if spec.get("custom") else \
@@ -53,13 +59,17 @@ class Replay:
 
     @property
     def ok(self) -> bool:
-        return self.strategy is not None
+        return self.strategy is not None or self.soft is not None
 
     def round(self, server_round: int, global_arrays: Mapping[str, np.ndarray],
               entries: Sequence[tuple[str, int, Mapping[str, np.ndarray], int]], trust: Mapping | None
               ) -> tuple[dict[str, np.ndarray] | None, str | None]:
         """``entries``: (identity key, node id, arrays, num-examples) in record order.
         Returns (recomputed aggregate or None, error of the rule or None)."""
+        if self.soft is not None:
+            decision = TrustDecision.from_dict(trust) if trust else None
+            contributions = apply_decision([(k, a, ne) for k, _, a, ne in entries], {}, decision)
+            return softlabels.aggregate(contributions, float(self.soft["temperature"]), int(self.soft["vocab-size"])), None
         if self.strategy is None:
             raise RuntimeError(self.reason)
         ordered = {n: np.asarray(global_arrays[n]) for n in self.layout.names}

@@ -145,6 +145,9 @@ def _checked_settings(app_dir: str, args, base: dict | None = None) -> tuple[Set
                           f"[tool.flwr.app.config] of {os.path.join(app_dir, 'pyproject.toml')}")
     settings = Settings.from_run_config({**defaults, **overrides}, strict=True)
     settings.check_nodes(_num_supernodes(args))
+    from .frameworks import preflight  # the model's config and the data, still before anything starts
+
+    preflight(settings, _num_supernodes(args))
     return settings, overrides
 
 

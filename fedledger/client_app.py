@@ -11,7 +11,9 @@
   signature proving it holds that key (``fedledger.identity``); asked once per node, so the
   server never reads a partition id from a train reply.
 - Serverless exchanges (ring / gossip) register their own message handlers from
-  ``fedledger.client_peer``.
+  ``fedledger.client_peer``; KD-FedLLM and Split-FedLLM theirs from ``fedledger.client_kd``
+  (``train.kd``, ``query.kd_logits``, ``train.kd_distill``, ``query.kd_evaluate``) and
+  ``fedledger.client_split`` (``train.split``).
 
 Model and data are loaded once per process (``fedledger.task``), never per round.
 """
@@ -19,13 +21,14 @@ Model and data are loaded once per process (``fedledger.task``), never per round
 from __future__ import annotations
 
 import logging
+import time
 
 from . import logs
 
 logs.quiet_libraries()  # before peft / bitsandbytes are imported: they log at import time
 
 import numpy as np  # noqa: E402
-from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedledger.chain.mods import NodeKey, SigningKeyError, audit_mod, node_key  # noqa: E402
@@ -56,6 +59,7 @@ def node_identity(context: Context) -> tuple[int, int]:
 
 def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
     """Train from the adapter in ``msg["arrays"]``; return (new adapter, metrics)."""
+    start = time.perf_counter()
     settings = Settings.cached(context.run_config)
     pid, num_partitions = node_identity(context)
     task = get_task(settings, num_partitions)
@@ -76,11 +80,14 @@ def train_local(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], 
     local = model_lib.get_adapter(task.model)
     if attack != "none" and not data_attack:
         local = _attacks().apply_update_attack(attack, local, global_adapter, np.random.default_rng(seed))
+    seq_len = stats["train-tokens"] / max(1, t.local_steps * min(t.batch_size, len(examples)))
     metrics = {
         "num-examples": len(task.splits["partitions"][pid]),
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],
         "tokens-per-second": stats["tokens-per-second"],
+        "compute-seconds": time.perf_counter() - start,
+        "flops": task.cost.train(stats["train-tokens"], int(round(seq_len))),
         "peak-rss-mb": train_lib.peak_rss_mb(),
     }
     train_lib.release_memory()  # what training freed goes back to the system before the next round
@@ -127,5 +134,13 @@ def _register_peer_handlers() -> None:
     client_peer.register(app, train_local)
 
 
+def _register_framework_handlers() -> None:
+    from fedledger import client_kd, client_split
+
+    client_kd.register(app, train_local)
+    client_split.register(app)
+
+
 identity.register(app, signing_key, key_errors=(SigningKeyError,))
 _register_peer_handlers()
+_register_framework_handlers()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlparse
 
-from fedledger.clients.attacks import ALL_ATTACKS
+from fedledger.clients.attacks import ALL_ATTACKS, is_data_attack as _is_data_attack
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,12 @@ PARTITIONERS = ("natural", "dirichlet", "iid")
 HUB_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
                   "fedtrimmedavg", "krum", "multikrum", "bulyan", "pagerank")
 SERVERLESS_STRATEGIES = ("ring", "gossip", "async-gossip")
-STRATEGIES = HUB_STRATEGIES + SERVERLESS_STRATEGIES
+FRAMEWORK_STRATEGIES = ("kd", "split")  # KD-FedLLM and Split-FedLLM: their own round runners
+STRATEGIES = HUB_STRATEGIES + SERVERLESS_STRATEGIES + FRAMEWORK_STRATEGIES
+KD_VARIANTS = ("server", "client")
+SPLIT_DTYPES = ("float32", "float16")
+SPLITTABLE_MODEL_TYPES = ("llama",)  # decoder blocks fedledger can run apart (clients/split.py)
+DEFAULT_PUBLIC_SIZE = 64
 TRUST_MODES = ("none", "pagerank")
 TRUST_ANCHORS = ("auto", "reference", "pretrusted", "history", "median", "none")  # = strategies.pagerank.ANCHORS
 LEDGERS = ("none", "anvil", "eth-tester")
@@ -286,6 +291,10 @@ class DataSettings(_Group):
     heldout_fraction: float = setting("heldout-fraction", 0.1, "share of the corpus held out for evaluation",
                                       within(0, 1, "()"))
     max_length: int = setting("max-length", 128, "tokens per example", at_least(1))
+    task_train_size: int = setting("task-train-size", 0, "generated tasks (clients/tasks.py) added to the clients' "
+                                   "private data, partitioned like the corpus", at_least(0))
+    task_eval_size: int = setting("task-eval-size", 24, "held-out generated tasks scored by exact match each round; "
+                                  "0 = none", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -376,6 +385,33 @@ class TopologySettings(_Group):
 
 
 @dataclass(frozen=True)
+class KDSettings(_Group):
+    """KD-FedLLM (``strategy="kd"``): clients share top-k logits on a public set, never parameters."""
+
+    variant: str = setting("kd-variant", "server", "who distils the aggregated soft labels: server (into the global "
+                           "adapter, then broadcast) or client (each into its own adapter)", one_of(KD_VARIANTS))
+    top_k: int = setting("kd-top-k", 8, "logits per position a client sends (up to the vocabulary size)", at_least(1))
+    temperature: float = setting("kd-temperature", 2.0, "softmax temperature of the soft labels", above(0))
+    public_size: int = setting("kd-public-size", -1, f"records set aside as the public set before partitioning (in "
+                               f"every mode); -1 = {DEFAULT_PUBLIC_SIZE} with strategy='kd', none otherwise",
+                               at_least(-1))
+    public_file: str = setting("kd-public", "", '"" = the public split; else a JSON / JSON-lines file of '
+                               '{"prompt", "response"} records (must not overlap the held-out split)')
+    public_batch: int = setting("kd-public-batch", 32, "public examples the server names each round", at_least(1))
+    distil_steps: int = setting("kd-distil-steps", 4, "distillation steps per round (on the server or each client)",
+                                at_least(1))
+
+
+@dataclass(frozen=True)
+class SplitSettings(_Group):
+    """Split-FedLLM (``strategy="split"``): clients run the embeddings and the first blocks only."""
+
+    layer: int = setting("split-layer", 2, "cut after this decoder block: clients run blocks 1..k, the server "
+                         "the rest and the LM head (1..num_layers-1, checked against the model)")
+    dtype: str = setting("split-dtype", "float32", "activations and their gradients on the wire", one_of(SPLIT_DTYPES))
+
+
+@dataclass(frozen=True)
 class AuditSettings(_Group):
     """The Ethereum audit ledger."""
 
@@ -425,6 +461,8 @@ class Settings:
     strategy: StrategySettings = field(default_factory=StrategySettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)
+    kd: KDSettings = field(default_factory=KDSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     attack: AttackSettings = field(default_factory=AttackSettings)
     run: RunSettings = field(default_factory=RunSettings)
@@ -436,6 +474,7 @@ class Settings:
         self._check_attack()
         self._check_audit()
         self._check_trust()
+        self._check_frameworks()
         self._check_resume()
 
     # ------------------------------------------------------------------ combinations
@@ -455,6 +494,10 @@ class Settings:
                               "strategy (fedavg, krum, ...) or audit='none'", "audit")
 
     def _check_resume(self) -> None:
+        if self.run.resume and self.strategy.name in FRAMEWORK_STRATEGIES:
+            raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
+                              "(its runner keeps no checkpoint: the next global / server part and the public-batch "
+                              "schedule are not saved); start the run again, or use a hub strategy", "resume")
         if self.run.resume and self.serverless:
             raise ConfigError(f"run-config resume={self.run.resume!r}: strategy={self.strategy.name!r} cannot resume "
                               "(the peers' models live in their own node state, lost with a simulation); start the "
@@ -470,6 +513,64 @@ class Settings:
             raise ConfigError(f"run-config trust-pretrusted={_shown(t.pretrusted)} has no effect with trust='none'; "
                               "set trust='pagerank' (or strategy='pagerank') or leave trust-pretrusted empty",
                               "trust-pretrusted")
+
+    def _check_frameworks(self) -> None:
+        name = self.strategy.name
+        if name not in FRAMEWORK_STRATEGIES:
+            return
+        if self.strategy.fraction_train != 1.0:
+            raise ConfigError(f"run-config fraction-train={_shown(self.strategy.fraction_train)} has no effect with "
+                              f"strategy={name!r}: every node takes part in every round; set fraction-train=1",
+                              "fraction-train")
+        a = self.attack
+        if a.name != "none" and not _is_data_attack(a.name):
+            raise ConfigError(f"run-config attack={a.name!r} changes an adapter update; with strategy={name!r} use a "
+                              "data attack (label-shuffle, label-corrupt, data-poison) or attack='none'", "attack")
+        if name == "kd" and self.kd.variant == "client" and self.audit.ledger != "none":
+            raise ConfigError(f"run-config audit={self.audit.ledger!r} is not available with kd-variant='client': there "
+                              "is no global model for the clients to sign and check on chain (each keeps its own "
+                              "adapter); use kd-variant='server' for an audited KD run, or audit='none'", "audit")
+        if self.eval.overlap:
+            raise ConfigError(f"run-config eval-overlap=true is not available with strategy={name!r}: the server's "
+                              "model also serves the runner between rounds (distillation, the split server part); "
+                              "set eval-overlap=false", "eval-overlap")
+        if name == "split" and self.trust.mode == "pagerank":
+            raise ConfigError("run-config trust='pagerank' is not available with strategy='split' (the server part "
+                              "is shared); use strategy='kd' or a hub strategy for trust, or trust='none'", "trust")
+        if self.kd.public_file and self.kd.public_size > 0:
+            raise ConfigError(f"run-config kd-public-size={self.kd.public_size} and kd-public={self.kd.public_file!r} "
+                              "both name a public set; set one (kd-public-size=-1 with a file)", "kd-public-size")
+        if name == "kd" and not self.kd.public_file and self.kd.public_size == 0:
+            raise ConfigError("run-config kd-public-size=0 leaves strategy='kd' without a public set; set "
+                              f"kd-public-size={DEFAULT_PUBLIC_SIZE} (or kd-public=FILE)", "kd-public-size")
+
+    def check_model(self, facts: Mapping | None) -> None:
+        """The rules that need the model's config (``clients.model.model_facts``: type, decoder
+        blocks, vocabulary), checked before its weights load; None: not knowable here."""
+        if facts is None:
+            return
+        layers, vocab, kind = int(facts["num-layers"]), int(facts["vocab-size"]), str(facts["model-type"])
+        if self.strategy.name == "split":
+            q = self.model.quantization
+            if kind not in SPLITTABLE_MODEL_TYPES:
+                what = f"a {q} quantised {kind!r} model" if q != "none" else f"a {kind!r} model"
+                raise _invalid("split-layer", self.split.layer, f": strategy='split' cannot place the cut in {what} "
+                               f"(decoder blocks fedledger can run apart: {', '.join(SPLITTABLE_MODEL_TYPES)} "
+                               f"models); use another model or quantization='none' with a llama model")
+            if not 1 <= self.split.layer <= layers - 1:
+                raise _invalid("split-layer", self.split.layer, f": must be in 1..{layers - 1} (the model has "
+                               f"{layers} decoder blocks)")
+        if self.strategy.name == "kd" and self.kd.top_k > vocab:
+            raise _invalid("kd-top-k", self.kd.top_k, f": must be in 1..{vocab} (the vocabulary size)")
+
+    @property
+    def public_size(self) -> int:
+        """Records set aside as the public set (``kd-public-size``, -1 resolved)."""
+        if self.kd.public_file:
+            return 0
+        if self.kd.public_size >= 0:
+            return self.kd.public_size
+        return DEFAULT_PUBLIC_SIZE if self.strategy.name == "kd" else 0
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -518,6 +619,11 @@ class Settings:
         return self.strategy.name in SERVERLESS_STRATEGIES
 
     @property
+    def framework(self) -> str:
+        """Which of the three ways to fine-tune across clients the run uses (as the audit names it)."""
+        return {"kd": "kd-fedllm", "split": "split-fedllm"}.get(self.strategy.name, "fedllm")
+
+    @property
     def uses_pagerank(self) -> bool:
         """PageRank trust runs (``trust="pagerank"`` or ``strategy="pagerank"``)."""
         return self.trust.mode == "pagerank" or self.strategy.name == "pagerank"
@@ -528,6 +634,9 @@ class Settings:
 
     def check_files(self) -> None:
         """The files the run-config names exist on this machine (the server's run-time check)."""
+        public = self.kd.public_file
+        if public and not os.path.isfile(os.path.expanduser(public)):
+            raise _invalid("kd-public", public, ': must be "" (the public split) or an existing JSON / JSON-lines file')
         topo = self.topology.topology
         if topo not in TOPOLOGIES and not os.path.isfile(os.path.expanduser(topo)):
             raise _invalid("topology", topo, ": must be 'complete', 'geometric' or an existing JSON/edge-list file")

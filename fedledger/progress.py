@@ -146,6 +146,10 @@ class ProgressTrail:
         self.marks.phase("ledger", server_round)
         self.inner.commit(server_round, aggregate, report)
 
+    def artifact(self, server_round: int, name: str, arrays) -> str:
+        """KD / split: one more tensor set of the round (the soft labels, the server part)."""
+        return self.inner.artifact(server_round, name, arrays)
+
     # what a checkpoint and a resume need of the trail (core.checkpoint)
     def position(self) -> dict:
         return self.inner.position()

@@ -1,16 +1,22 @@
 """fedledger ServerApp: typed settings, one identity per node, the round pipeline, the run folder.
 
-    settings (validated once, before any model loads) -> the nodes and who they are (Roster)
+    settings (validated once, before any model loads; what needs the model's config or the
+    data: fedledger.frameworks.preflight) -> the nodes and who they are (Roster)
     -> [the ledger trail] -> hub: RoundPipeline(Flower strategy, trust, trail, accounting)
                              serverless: a relay runner (ring / gossip / async gossip)
+                             kd / split: a framework runner (KD-FedLLM, Split-FedLLM)
     -> central evaluation each round (one log line per round) -> the run folder:
 
     <run-dir>/<time>-run<id>/
-        metrics.json     settings, identities, per-round reports (kept / rejected with reasons /
-                         distrusted, bytes, seconds, trust, exchange), central evaluation, detection
+        metrics.json     settings, framework, identities, per-round reports (kept / rejected with
+                         reasons / distrusted, bytes, seconds, trust, exchange), per-client work
+                         (``clients``: bytes up/down, round trips, compute seconds, FLOPs, peak
+                         RSS) and ``server-seconds``, central evaluation (loss, perplexity,
+                         top-1 accuracy, exact match), detection
         checkpoint.pkl   (hub strategies) after every completed round: global adapter, strategy and
                          trust state, ledger position, reports (core.checkpoint); run-config
-                         resume=<this folder> (fedledger run --resume) continues from it
+                         resume=<this folder> (fedledger run --resume) continues from it (kd / split
+                         runs keep no checkpoint: resume is refused for them at start-up)
         adapter/         final global adapter (peft format: adapter_config.json + adapter_model.safetensors)
         audit/           (audited runs) the ledger's artifacts: see fedledger.chain.store
 """
@@ -44,7 +50,8 @@ from fedledger.core.pipeline import to_record  # noqa: E402
 from fedledger.core.update import decode_global  # noqa: E402
 from fedledger.strategies.detection import detection_metrics  # noqa: E402
 
-from .config import ConfigError, Settings  # noqa: E402
+from .config import FRAMEWORK_STRATEGIES, ConfigError, Settings  # noqa: E402
+from .frameworks import build_runner, preflight  # noqa: E402
 from .identity import Roster  # noqa: E402
 from .strategy_factory import build_pipeline, build_relay  # noqa: E402
 from .task import get_task  # noqa: E402
@@ -78,6 +85,7 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     resumed = Resumed.load(settings) if settings.run.resume else None
     nodes = connected_nodes(grid, settle=settle)
     settings.check_nodes(len(nodes))
+    preflight(settings, len(nodes))  # what needs the model's config or the data, before any weights load
     if resumed is not None:
         resumed.check_nodes(len(nodes))
     folder = resumed.folder if resumed is not None else run_folder(settings, context.run_id)
@@ -95,6 +103,7 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
     if marks:
         grid, trail = marks.grid(grid), marks.trail(trail)
     start = time.perf_counter()
+    max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
     if settings.serverless:
         roster.refresh(grid)
         runner = build_relay(settings, len(nodes))
@@ -104,8 +113,16 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
         finally:
             evaluation.close()
         final, rounds = result.arrays, relay_rounds(result, settings)
+    elif settings.strategy.name in FRAMEWORK_STRATEGIES:  # KD-FedLLM, Split-FedLLM: their own round runners
+        roster.refresh(grid)
+        runner = build_runner(settings, task, len(nodes), identities=roster, trail=trail, max_examples=max_examples)
+        try:
+            result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
+                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.framework(runner)))
+        finally:
+            evaluation.close()
+        final, rounds = result.arrays, framework_rounds(result)
     else:
-        max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
         checkpoint = Checkpoint(folder, extra_fn=lambda: {"central": dict(evaluation.results), "num-nodes": len(nodes),
                                                           "run-config": settings.to_run_config(),
                                                           "ledger-run-id": ledger_run_id})
@@ -291,6 +308,8 @@ class CentralEvaluation:
         adapter = decode_global(arrays)
         with self.model_in_use():
             result = self.task.evaluate_examples(adapter, self.sample)
+            if self.task.splits.get("tasks"):   # the held-out task set (task-eval-size > 0): greedy answers
+                result["exact-match"] = self.task.exact_match(adapter)
             result["eval-seconds"] = time.perf_counter() - start
             self.results[server_round] = result
             if server_round == self.num_rounds and self.sampled:
@@ -318,6 +337,29 @@ class CentralEvaluation:
                 return logs.round_line(server_round, self.num_rounds, entry, result)
 
             return self._schedule(server_round, arrays, line)
+
+        return evaluate_fn
+
+    def framework(self, runner):
+        """KD / split: the global adapter, or (KD with client-side distillation) the mean of what
+        the clients measured on their own adapters (``arrays`` None). Always in the foreground:
+        the runner's server half (KD distillation, the split server part) uses the same model
+        between rounds (eval-overlap is refused for these strategies, see config)."""
+        def evaluate_fn(server_round: int, arrays: ArrayRecord | None) -> MetricRecord:
+            report = runner.reports.get(server_round)
+
+            def line(result: dict) -> str:
+                return logs.round_line(server_round, self.num_rounds, report.to_dict() if report else {}, result)
+
+            self.wait()
+            if arrays is not None:
+                result = self._evaluate(server_round, arrays, line)
+            else:
+                entry = next((h for h in reversed(runner.history) if h.get("round") == server_round), {})
+                result = {**entry.get("client-eval", {}).get("mean", {}), "source": "mean of the clients' own models"}
+                self.results[server_round] = result
+                log.info("%s", line(result))
+            return MetricRecord(_scalars(result))
 
         return evaluate_fn
 
@@ -354,7 +396,8 @@ def hub_rounds(pipeline, result, settings: Settings) -> dict[int, dict]:
     for rnd, report in sorted(pipeline.reports.items()):
         d = report.to_dict()
         entry = {"report": d, "traffic": {"bytes-sent": report.bytes_sent, "bytes-received": report.bytes_received,
-                                          "messages-sent": report.sent}}
+                                          "messages-sent": report.sent},
+                 "clients": hub_clients(report), "server-seconds": float(sum(report.seconds.values()))}
         if "exchange" in d:
             entry["exchange"] = d["exchange"]
         if report.trust is not None:
@@ -374,6 +417,33 @@ def hub_rounds(pipeline, result, settings: Settings) -> dict[int, dict]:
     return rounds
 
 
+def framework_rounds(result) -> dict[int, dict]:
+    """KD / split rounds for metrics.json: the report, the accounting entry, per-client work."""
+    rounds: dict[int, dict] = {}
+    for entry in result.history:
+        rnd = int(entry["round"])
+        report = result.reports[rnd]
+        rounds[rnd] = {"report": report.to_dict(), "exchange": entry, "clients": entry["clients"],
+                       "server-seconds": entry["server-seconds"],
+                       "traffic": {"bytes-sent": report.bytes_sent, "bytes-received": report.bytes_received},
+                       "train": _jsonable(report.metrics)}
+        if report.trust is not None:
+            rounds[rnd]["trust"] = report.trust
+    return rounds
+
+
+def hub_clients(report) -> dict[str, dict]:
+    """Per-client work of a hub round, in the fields the KD and split runners report."""
+    out = {}
+    for k in report.kept:
+        m, node = k.get("metrics", {}), k["node-id"]
+        out[str(k["partition"] if k.get("partition") is not None else f"node-{node}")] = {
+            "bytes-up": int(report.up_bytes.get(node, 0)), "bytes-down": int(report.down_bytes.get(node, 0)),
+            "round-trips": 1, "compute-seconds": float(m.get("compute-seconds", 0.0)),
+            "flops": float(m.get("flops", 0.0)), "peak-rss-mb": float(m.get("peak-rss-mb", 0.0))}
+    return out
+
+
 def relay_rounds(result, settings: Settings) -> dict[int, dict]:
     rounds: dict[int, dict] = {}
     for entry in result.history:
@@ -390,12 +460,15 @@ def relay_rounds(result, settings: Settings) -> dict[int, dict]:
 
 def write_run(folder: str, settings: Settings, run_id: int, nodes: list[int], roster: Roster, rounds: dict,
               wall: float, final: ArrayRecord | None, task, ledger: dict | None) -> None:
-    final_arrays = decode_global(final) if final is not None else task.initial_adapter
-    model_lib.set_adapter(task.model, dict(final_arrays))
-    task.model.save_pretrained(os.path.join(folder, "adapter"))
+    if final is not None:
+        model_lib.set_adapter(task.model, dict(decode_global(final)))
+        task.model.save_pretrained(os.path.join(folder, "adapter"))
+    else:
+        log.info("no global adapter to save: with kd-variant='client' every client keeps its own")
     summary = {
         "run-id": run_id,
         "settings": settings.to_run_config(),
+        "framework": settings.framework,
         "num-nodes": len(nodes),
         "identities": roster.to_dict(),
         "malicious": list(settings.attack.malicious),

@@ -31,21 +31,47 @@ class Task:
         self.initial_adapter = model_lib.get_adapter(self.model)
         self.splits = data_lib.federated_splits(
             data.dataset, num_partitions, data.partitioner, seed,
-            heldout_fraction=data.heldout_fraction, alpha=data.dirichlet_alpha,
+            heldout_fraction=data.heldout_fraction, alpha=data.dirichlet_alpha, public_size=settings.public_size,
+            public_file=settings.kd.public_file, task_eval_size=data.task_eval_size, task_train_size=data.task_train_size,
         )
         self._tokenized: dict = {}
+        self._cost = None
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model predicts (its LM head's outputs)."""
+        return int(self.cost.head_linear // self.cost.hidden)
+
+    @property
+    def cost(self):
+        """FLOPs estimates of this model's layers (``clients.cost.ModelCost``), read once."""
+        if self._cost is None:
+            from fedledger.clients.cost import ModelCost
+
+            self._cost = ModelCost.of(self.model)
+        return self._cost
+
+    def public_examples(self, ids) -> list[dict]:
+        """Tokenized public examples ``ids`` (indices into the public set), in that order."""
+        public = self.examples("public-all")
+        return [public[i] for i in ids]
+
     def examples(self, split: str, partition_id: int | None = None, poisoned: str | None = None,
                  categories: frozenset | None = None) -> list[dict]:
-        """Tokenized examples of ``heldout``, ``root`` or a client ``partition`` (cached).
+        """Tokenized examples of ``heldout``, ``root`` or a client ``partition`` (cached);
+        ``public-all``: the whole public set, one entry per record (none dropped, so public ids
+        index it on every party).
 
         ``categories`` keeps only records of those categories (e.g. a node's own held-out text).
         """
         key = (split, partition_id, poisoned, categories)
+        if key not in self._tokenized and split == "public-all":
+            self._tokenized[key] = data_lib.tokenize(self.splits["public"], self.tokenizer, self.settings.data.max_length,
+                                                     keep_all=True)
         if key not in self._tokenized:
             records = self.splits["partitions"][partition_id] if split == "partition" else self.splits[split]
             if categories is not None:
@@ -61,17 +87,29 @@ class Task:
         return frozenset(r["category"] for r in self.splits["partitions"][partition_id])
 
     def evaluate(self, adapter, split: str = "heldout", max_batches: int | None = None) -> dict:
-        return self.evaluate_examples(adapter, self.examples(split), max_batches=max_batches)
+        """Loss, perplexity and top-1 accuracy on ``split``; with the held-out split also
+        ``exact-match`` on the held-out task set (when ``task-eval-size`` > 0)."""
+        result = self.evaluate_examples(adapter, self.examples(split), max_batches=max_batches)
+        if split == "heldout" and self.splits.get("tasks"):
+            result["exact-match"] = self.exact_match(adapter)
+        return result
+
+    def exact_match(self, adapter) -> float:
+        """Share of the held-out task set that ``adapter`` answers exactly (greedy generation:
+        each step computes the last position's logits only, never batch x length x vocabulary)."""
+        model_lib.set_adapter(self.model, adapter)
+        return train_lib.exact_match(self.model, self.tokenizer, self.splits["tasks"])
 
     def evaluate_examples(self, adapter, examples: list[dict], max_batches: int | None = None) -> dict:
-        """Loss and perplexity of ``adapter`` on tokenized ``examples`` (e.g. a fixed sample)."""
+        """Loss, perplexity and top-1 accuracy of ``adapter`` on tokenized ``examples`` (e.g. a
+        fixed sample), through the chunked loss (``clients.loss.summed_loss_and_hits``)."""
         model_lib.set_adapter(self.model, adapter)
         return train_lib.evaluate(self.model, examples, self.pad_id, batch_size=16, max_batches=max_batches)
 
 
 def get_task(settings: Settings, num_partitions: int) -> Task:
     """The cached Task of this process for these settings (built on first use)."""
-    key = (settings.model_key(), settings.data, num_partitions)
+    key = (settings.model_key(), settings.data, settings.public_size, settings.kd.public_file, num_partitions)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one model per process: a new setting replaces the old one

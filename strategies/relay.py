@@ -88,16 +88,25 @@ class Relay:
         self.peer_of = {n: p for p, n in self.node_of.items()}
         self.bytes = 0
         self.messages = 0
+        self.bytes_to: dict[int, int] = defaultdict(int)      # per peer: bytes relayed to it ...
+        self.bytes_from: dict[int, int] = defaultdict(int)    # ... and from it
+        self.messages_to: dict[int, int] = defaultdict(int)   # messages sent to it (= round trips)
 
-    def send(self, contents: Mapping[int, RecordDict], server_round: int) -> dict[int, Message]:
-        """Send ``contents[peer]`` to each peer; return the non-error replies by peer."""
+    def send(self, contents: Mapping[int, RecordDict], server_round: int, message_type: str | None = None
+             ) -> dict[int, Message]:
+        """Send ``contents[peer]`` to each peer (as ``message_type``, default the relay's); return
+        the non-error replies by peer."""
         msgs = []
         for peer, content in contents.items():
-            msg = Message(content=content, dst_node_id=self.node_of[peer], message_type=self.message_type,
-                          group_id=str(server_round))
-            self.bytes += message_nbytes(msg)
+            msg = Message(content=content, dst_node_id=self.node_of[peer],
+                          message_type=message_type or self.message_type, group_id=str(server_round))
+            n = message_nbytes(msg)
+            self.bytes += n
+            self.bytes_to[peer] += n
+            self.messages_to[peer] += 1
             msgs.append(msg)
         self.messages += len(msgs)
+        self.last_errors: dict[int, str] = {}   # peer -> the reason of its error reply, for this send
         out: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             peer = self.peer_of.get(int(reply.metadata.src_node_id))
@@ -105,8 +114,11 @@ class Relay:
                 continue
             if reply.has_error():
                 log.warning("%s: peer %s replied with error: %s", self.owner, peer, reply.error.reason)
+                self.last_errors[peer] = str(reply.error.reason)
                 continue
-            self.bytes += message_nbytes(reply)
+            n = message_nbytes(reply)
+            self.bytes += n
+            self.bytes_from[peer] += n
             out[peer] = reply
         missing = sorted(set(contents) - set(out))
         if missing:

@@ -65,6 +65,30 @@ def test_evaluation_without_full_logits_sums_the_same_token_losses(tiny):
     assert count == int((target != -100).sum()) and total == pytest.approx(float(ref), rel=1e-6)
 
 
+def test_top1_accuracy_from_the_chunked_pass_equals_the_full_logits_argmax(tiny, monkeypatch):
+    """The accuracy the evaluation reports comes from the same chunks as the loss (no full fp32
+    logits), and counts what the full logits' arg-max counts; the full-logit path agrees too."""
+    tok, examples = tiny
+    model = _lora(tok)
+    model.eval()
+    batch = data_lib.collate(examples[:8], tok.pad_token_id)
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    total, count, hits = loss_lib.summed_loss_and_hits(*args, chunk=5)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        target = batch["labels"][:, 1:]
+        answer = target != -100
+        ref_hits = int(((logits.argmax(-1) == target) & answer).sum())
+    assert loss_lib.fused_loss_supported(model) and hits == ref_hits and count == int(answer.sum())
+    assert loss_lib.summed_loss(*args, chunk=5) == pytest.approx((total, count))
+    monkeypatch.setattr(loss_lib, "fused_loss_supported", lambda m: False)   # Hugging Face's full logits
+    full = loss_lib.summed_loss_and_hits(*args)
+    assert full[1:] == (count, hits) and full[0] == pytest.approx(total, rel=1e-6)
+    monkeypatch.undo()
+    result = train_lib.evaluate(model, examples[:8], tok.pad_token_id, batch_size=8)
+    assert result["accuracy"] == pytest.approx(hits / count)
+
+
 def test_a_trained_head_gets_hugging_faces_own_loss(tiny):
     tok, _ = tiny
     model = _lora(tok)
@@ -145,3 +169,19 @@ def test_the_throughput_bench_runs_on_a_gpu_with_the_plain_baseline_beside_it(tm
                                      "--steps", "2", "--no-write"])
     assert out["device"] == "cuda" and out["median-tokens-per-second"]["plain HF + peft"] > 0
     assert all(r > 0 for r in out["ratio-to-plain"].values())
+
+
+def test_kd_answer_logits_come_from_the_head_on_the_answer_positions_only(tiny):
+    """KD's logit replies and distillation take the LM head over the answer rows only (rows x
+    vocabulary), the same values as the full logits at those positions."""
+    from fedledger.clients import distill
+
+    tok, examples = tiny
+    model = _lora(tok)
+    model.eval()
+    batch = data_lib.collate(examples[:6], tok.pad_token_id)
+    with torch.no_grad():
+        ours = distill._answer_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert loss_lib.fused_loss_supported(model)
+    torch.testing.assert_close(ours, full[batch["labels"][:, 1:] != -100], rtol=0, atol=1e-6)
