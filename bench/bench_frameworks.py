@@ -318,7 +318,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 round x 1 step, 3 rows (timing)")
     ap.add_argument("--resume", action="store_true", help="go on from the results file of the same settings")
-    ap.add_argument("--out", default=NAME, help="results name in bench/results (default: frameworks)")
+    ap.add_argument("--out", default=NAME, help="results name in bench/results (default: frameworks), or a folder "
+                    "(then frameworks.json/.md/.png go there)")
     ap.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per kind of client (peak RSS is noisy)")
     ap.add_argument("--rss-only", action="store_true", help="(re)measure the peak RSS into the results file and stop")
     ap.add_argument("--merge", default="", help="results names (comma-separated) of the same settings to combine "
@@ -334,6 +335,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rounds, args.local_steps, args.rows = "42", 1, 1, ",".join(QUICK_ROWS)
         args.out = args.out if args.out != NAME else NAME + "_quick"
+    args.out_dir, args.out = _out(args.out)
     logging.basicConfig(level=logging.ERROR)
     for name in ("flwr", "fedledger"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -342,8 +344,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    path = os.path.join(os.path.dirname(__file__), "results", f"{args.out}.json")
-    payload = {"args": {k: v for k, v in vars(args).items() if k not in ("rss_child", "rss_only")}, "results": {},
+    path = os.path.join(args.out_dir, f"{args.out}.json")
+    payload = {"args": {k: v for k, v in vars(args).items() if k not in ("rss_child", "rss_only", "out_dir")}, "results": {},
                "rss": {},
                "complete": False, "wall": 0.0}
     if args.resume and os.path.exists(path):
@@ -421,11 +423,18 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _out(out: str) -> tuple[str, str]:
+    """(folder, results name): ``--out`` names a result in bench/results, or is a folder."""
+    if os.sep in out or os.path.isdir(out):
+        return os.path.abspath(out), NAME
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), out
+
+
 def save(payload: dict, args) -> None:
     md = report(payload)
-    write_results(args.out, payload, md)
+    write_results(args.out, payload, md, args.out_dir)
     try:
-        plot(payload, os.path.join(os.path.dirname(__file__), "results", f"{args.out}.png"))
+        plot(payload, os.path.join(args.out_dir, f"{args.out}.png"))
     except Exception as exc:  # noqa: BLE001  (a plot must not lose the numbers)
         print(f"plot failed: {exc}", file=sys.stderr)
 

@@ -53,6 +53,8 @@ SUITES = {s.name: s for s in (
           about="round overhead over the slowest client's training (central evaluation variants)"),
     Suite("train-speed", "bench_train_speed.py", ("--rounds", "1", "--steps", "1", "--batch-size", "2"),
           about="client training tokens/s vs plain Hugging Face transformers + peft"),
+    Suite("frameworks", "bench_frameworks.py", ("--quick",),
+          about="FedLLM vs KD-FedLLM vs Split-FedLLM: accuracy, bytes, client compute and memory (SmolLM2)"),
     Suite("qlora-gpu", "bench_qlora_gpu.py", ("--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"),
           ("--out", "bench/results/qlora_gpu"), about="LoRA/QLoRA throughput on a CUDA GPU", gpu=True),
 )}
