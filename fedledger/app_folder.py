@@ -17,7 +17,8 @@ from importlib import metadata
 APP_FOLDER = os.path.join(".fedledger", "app")
 
 
-def _toml(value) -> str:
+def toml_value(value) -> str:
+    """One run-config value as TOML (what pyproject.toml and `flwr run --run-config` read)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -39,7 +40,7 @@ def app_pyproject() -> str:
              'license = "Apache-2.0"', "", "[tool.flwr.app]", 'publisher = "fedledger"', "",
              "[tool.flwr.app.components]", 'serverapp = "fedledger.server_app:app"',
              'clientapp = "fedledger.client_app:app"', "", "[tool.flwr.app.config]"]
-    lines += [f"{key} = {_toml(value)}" for key, value in config.items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in config.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ import os
 import sys
 
 from . import logs
+from .app_folder import toml_value
 from .config import ConfigError, Settings, parse_run_config_string, pyproject_defaults
 from .flwr_runner import MODE_LEVELS, run_simulation
 from .progress import LiveRound
@@ -62,7 +63,7 @@ def cmd_run(args) -> int:
             return _fail(f"could not reach or start the devnet at {settings.audit.rpc_url}: {exc}")
         if ledger_note and mode != "quiet":
             print(f"fedledger: {ledger_note}")
-    run_config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
     before = _latest_run_folder(run_dir)
     with LiveRound(enabled=mode != "quiet") as live:  # one live line per round; --quiet: none
         outcome = run_simulation(app_dir, run_config, _federation_config(args), flwr_home=args.flwr_home,
@@ -164,14 +165,6 @@ def _num_supernodes(args) -> int:
         raise ConfigError(f"--federation-config num-supernodes={value!r} is not valid; pass a whole number, "
                           "e.g. --num-supernodes 4")
     return value
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def _print_summary(folder: str) -> None:
