@@ -242,8 +242,8 @@ def to_markdown(res: dict) -> str:
     if walls:
         lines += [f"| wall per round: median / min / max | {sorted(walls)[len(walls) // 2]:.1f} / {min(walls):.1f} / "
                   f"{max(walls):.1f} s |",
-                  f"| rounds 1..{res['rounds']} (sum of round walls) | {sum(walls):.1f} s; start-up + roster "
-                  f"before round 1 ends: {run['rounds'][0]['end-s'] - walls[0]:.1f} s |"]
+                  f"| rounds done; their walls summed | {len(walls)} of {res['rounds']}; {sum(walls):.1f} s (start-up "
+                  f"to the round-0 line: Ray, SuperLink, model, registry: {run['rounds'][0]['end-s'] - walls[0]:.1f} s) |"]
     for cls, label in (("server", "server process (`flwr-simulation`: ServerApp + ledger + engine)"),
                        ("clients", "client processes (Ray `ClientAppActor` workers)"),
                        ("ray daemons", "Ray's daemons (gcs, raylet, dashboard, agents)"),
@@ -271,7 +271,7 @@ def to_markdown(res: dict) -> str:
               "they arrive; round 1 also holds the roster's identity query of every node and the enrolment.", "",
               "Plot: `load.png` (wall per round; RSS of server, clients and the whole tree over time).", ""]
     if run["status"] != "finished:completed":
-        lines += ["The run did not complete; the last lines it printed:", "", "```", run["log-tail"].rstrip(), "```", ""]
+        lines += [f"The run did not complete ({len(walls)} of {res['rounds']} rounds done); the last lines it printed:", "", "```", run["log-tail"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -314,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sample", type=float, default=1.0, help="seconds between RSS samples")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="seconds the run may take")
     ap.add_argument("--out", default=None, help="folder for load.json / load.md / load.png (default bench/results)")
+    ap.add_argument("--render", default=None, metavar="LOAD_JSON",
+                    help="only write load.md and load.png again from a load.json (e.g. the raw one of a stopped run)")
     args = ap.parse_args(argv)
     quick = {"clients": 10, "rounds": 3, "audit_records": 1000}
     full = {"clients": 100, "rounds": 20, "audit_records": 10_000}
@@ -333,8 +335,26 @@ def _dump_raw(res: dict, out: str | None) -> None:
         json.dump(res, fh, indent=2, default=float)
 
 
+def render(path: str, out: str | None) -> None:
+    """load.md + load.png from a load.json; a raw one (the run stopped before its audit) gets what it lacks."""
+    with open(path) as fh:
+        res = json.load(fh)
+    run = res["run"]
+    res.setdefault("memory", run["memory"])
+    loads = [s["load"] for s in run["samples"]] or [res["load"]["start"]]
+    res["load"].setdefault("mean", sum(loads) / len(loads))
+    res["load"].setdefault("max", max(loads))
+    md = to_markdown(res)
+    jpath, _ = write_results("load", res, md, out or os.path.dirname(os.path.abspath(path)))
+    plot(res, os.path.join(os.path.dirname(jpath), "load.png"))
+    print(md)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        render(args.render, args.out)
+        return 0
     info = machine_info()
     info["memory-gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     cpus = os.cpu_count() or 1

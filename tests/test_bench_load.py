@@ -78,3 +78,22 @@ def test_the_sampler_sees_a_childs_memory_and_stops_what_is_left_by_pid():
         if parent.poll() is None:
             parent.kill()
             parent.wait(timeout=30)
+
+
+def test_the_report_of_a_run_that_stopped_says_how_far_it_got_and_shows_its_last_lines(tmp_path):
+    import json
+
+    run = {"status": "unknown", "returncode": -9, "wall-s": 50.0, "log-tail": "fedledger: round 2/5 ...\n",
+           "rounds": [{"round": 1, "end-s": 30.0, "wall-s": 20.0}, {"round": 2, "end-s": 45.0, "wall-s": 15.0}],
+           "samples": [{"t": 1.0, "load": 3.0, "server": 2**20, "total": 2**21}],
+           "memory": {"server": {"processes": 1, "peak-rss-mb-largest-process": 1.0,
+                                 "peak-rss-mb-sum-at-one-sample": 1.0}, "tree": {"peak-rss-mb-sum-at-one-sample": 2.0}}}
+    raw = {"machine": {"cpu": "x", "cpus": 2, "torch": "t", "torch-threads": 2, "commit": "c", "date": "d",
+                       "memory-gb": 1}, "clients": 4, "rounds": 5, "local-steps": 1, "ray-actors": 2,
+           "federation-config": "init-args-num-cpus=2", "sample-s": 1.0, "load": {"start": 3.0}, "run": run}
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps(raw))
+    bench_load.render(str(path), str(tmp_path))
+    md = (tmp_path / "load.md").read_text()
+    assert "did not complete (2 of 5 rounds done)" in md and "fedledger: round 2/5 ..." in md
+    assert "audit of the run" not in md and (tmp_path / "load.png").stat().st_size > 0
