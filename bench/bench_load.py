@@ -135,6 +135,7 @@ class TreeSampler(threading.Thread):
 def fedledger_run(clients: int, rounds: int, url: str, devnet_dir: str, tmp: str, timeout: float,
                   sample: float, local_steps: int) -> dict:
     """``fedledger run`` of an audited FedAvg run; wall, per-round walls from its round lines, RSS samples."""
+    os.makedirs(tmp, exist_ok=True)
     run_dir, flwr_home = os.path.join(tmp, "runs"), os.path.join(tmp, "flwr")
     cpus = os.cpu_count() or 1
     run_config = (f"model='tiny' strategy='fedavg' audit='anvil' rpc-url='{url}' num-rounds={rounds} "
@@ -369,7 +370,13 @@ def main(argv=None) -> int:
         url = devnet.start(port=port, state_dir=d)["rpc-url"]
         try:
             first = int(devnet.rpc_call(url, "eth_blockNumber"), 16)
-            run = fedledger_run(args.clients, args.rounds, url, d, tmp, args.timeout, args.sample, args.local_steps)
+            for attempt in range(2):   # flwr's local SuperLink can miss its 15 s start-up window on a loaded machine
+                run = fedledger_run(args.clients, args.rounds, url, d, os.path.join(tmp, f"try{attempt}"), args.timeout,
+                                    args.sample, args.local_steps)
+                if run["status"] != "not-started":
+                    break
+                print("bench_load: the run did not start (flwr's SuperLink start-up window); trying once more", flush=True)
+            res["attempts"] = attempt + 1
             _dump_raw({**res, "run": run}, args.out)   # what the run measured, before anything else can fail
             res["chain"] = chain_counts(url, first)
             if run["folder"] and run["status"] == "finished:completed":
