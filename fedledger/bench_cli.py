@@ -55,6 +55,8 @@ SUITES = {s.name: s for s in (
           about="client training tokens/s vs plain Hugging Face transformers + peft"),
     Suite("frameworks", "bench_frameworks.py", ("--quick",),
           about="FedLLM vs KD-FedLLM vs Split-FedLLM: accuracy, bytes, client compute and memory (SmolLM2)"),
+    Suite("load", "bench_load.py", ("--quick",),
+          about="100 clients x 20 rounds through `fedledger run` audited on anvil: wall, peak RSS, records, audit"),
     Suite("qlora-gpu", "bench_qlora_gpu.py", ("--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"),
           ("--out", "bench/results/qlora_gpu"), about="LoRA/QLoRA throughput on a CUDA GPU", gpu=True),
 )}
