@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "package's app where . has none)")
     run.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 model=\'tiny\'"')
     run.add_argument("--num-supernodes", type=int, default=4)
-    run.add_argument("--cpus-per-client", type=float, default=1)
+    run.add_argument("--cpus-per-client", type=int, default=1,
+                     help="CPUs Ray gives each ClientApp (a whole number: Flower refuses fractions)")
     run.add_argument("--federation-config", default="", help="extra federation overrides")
     run.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run (default: ./.flwr)")
     run.add_argument("--timeout", type=float, default=3 * 3600)
