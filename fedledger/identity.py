@@ -17,8 +17,9 @@ and a signature over ``(run id, node id, partition id)``, which proves it holds 
 - a SuperNode that restarts (killed, rebooted) connects under a new Flower node id. When the
   node holding its partition is no longer connected and the newcomer proves the *same signer
   key* that node proved, it is that participant again: it takes the partition over (it rejoins,
-  logged, listed under ``rejoined``). Without a signer (an unaudited run) nothing proves it is
-  the same participant, and it is refused as before.
+  logged, listed under ``rejoined``). While the old node id is still connected (the SuperLink
+  lets it go after two missed heartbeats) the newcomer is asked again at the next round. Without
+  a signer (an unaudited run) nothing proves it is the same participant, and it is refused.
 
 From then on trust history, detection and topology peers are keyed by this identity; a
 partition id that a train reply reports about itself is never read.
@@ -110,7 +111,11 @@ class Roster:
                     self._refuse(node, f"partition {partition} is claimed by nodes {[n for n, _ in claimants]}")
                 continue
             node, ident = claimants[0]
-            if partition in held and self._rejoins(ident, held[partition], connected):
+            if partition in held and self._same_signer(ident, held[partition]):
+                if held[partition] in connected:   # restarted before the SuperLink let its old id go
+                    log.warning("identity: node %s proves partition %s's signer, but node %s still holds it; asked "
+                                "again next round", node, partition, held[partition])
+                    continue
                 self._take_over(node, ident, held[partition])
                 held[partition], signers[ident.signer.lower()] = node, node
             elif partition in held:
@@ -132,11 +137,10 @@ class Roster:
                 "refused": {str(n): r for n, r in sorted(self.refused.items())},
                 "rejoined": {str(n): old for n, old in sorted(self.rejoined.items())}}
 
-    def _rejoins(self, ident: Identity, holder: int, connected: set[int]) -> bool:
-        """The partition's holder is gone and ``ident`` proved the holder's own signer key."""
+    def _same_signer(self, ident: Identity, holder: int) -> bool:
+        """``ident`` proved the signer key that the partition's holder proved."""
         before = self.known[holder].signer
-        return (holder not in connected and ident.signer is not None and before is not None
-                and ident.signer.lower() == before.lower())
+        return ident.signer is not None and before is not None and ident.signer.lower() == before.lower()
 
     def _take_over(self, node: int, ident: Identity, holder: int) -> None:
         del self.known[holder]
