@@ -21,6 +21,7 @@ from fedledger.chain.audit import audit_run
 from fedledger.chain.audit_strategy import build_ledger
 from fedledger.chain.ledger import KEY_ENV
 from fedledger.core.checkpoint import CHECKPOINT_FILE
+from fedledger.flwr_runner import stop_local_superlink
 
 from .test_chain_anvil import _free_port, needs_anvil
 
@@ -169,6 +170,7 @@ def test_fedledger_run_killed_mid_round_resumes_with_the_cli_as_one_audited_run(
         assert "stopped a local SuperLink" in out
     finally:
         _kill_groups(set(), list(seen.values()))
+        stop_local_superlink(str(home))       # the resumed run's, had it timed out
         log.close()
 
     report = audit_run(folder)
