@@ -35,7 +35,7 @@ from .aggregate import fast_rule, weighted_mean
 from .trust import Contribution, TrustDecision, apply_decision
 from .update import (
     AUDIT_KEY, NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, all_finite, decode_evaluate_reply,
-    decode_global, decode_replies, encode_array, payload_nbytes,
+    decode_global, decode_replies, encode_array, is_no_reply, payload_nbytes,
 )
 
 log = logging.getLogger("fedledger")
@@ -404,6 +404,11 @@ class RoundPipeline(Strategy):
         if self._global is None:
             raise RuntimeError("RoundPipeline.aggregate_train needs configure_train first (the global adapter)")
         replies = list(replies)
+        missing = [m for m in replies if is_no_reply(m)]
+        if missing:   # Flower's stand-ins for nodes that went away mid-round: dropouts, not refusals
+            log.warning("round %s: %d node(s) did not reply (%s); the round goes on with the others",
+                        server_round, len(missing), missing[0].error.reason)
+            replies = [m for m in replies if not is_no_reply(m)]
         report = self.reports.setdefault(server_round, RoundReport(server_round))
         clock = _Clock(report)
         report.received = len(replies)

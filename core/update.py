@@ -15,6 +15,11 @@ built here, in one pass, *before* any library touches the reply. A reply is acce
   not fatal);
 - **one reply per node**: a later valid reply of a node id that already has one is rejected.
 
+A reply that no node sent is not a reply: the error Flower's SuperLink itself returns for a node
+that stopped heart-beating mid-round (a SuperNode killed, its machine gone: ``NODE_UNAVAILABLE``)
+or for a reply that expired (``REPLY_MESSAGE_UNAVAILABLE``) is a dropout (:func:`is_no_reply`),
+left out before decoding, never a refusal of some client.
+
 Decoding is zero-copy: each tensor is a read-only ``np.frombuffer`` view into the bytes that
 arrived (no ``np.load`` copy; npy headers are parsed once per distinct header, not per tensor),
 and finiteness is checked with one reduction per tensor (a sum is finite only if every value
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from .workers import map_ordered
 
@@ -336,6 +342,16 @@ def decode_reply(msg: Message, layout: Layout, max_examples: int, weight_key: st
     return Update(node_id=int(msg.metadata.src_node_id), arrays=decoded, num_examples=n, metrics=kept,
                   audit=dict(audit) if audit is not None else None, message=msg, dropped_metrics=dropped,
                   layout=layout)
+
+
+#: Flower error codes the SuperLink answers with in place of a node that never replied
+NO_REPLY_ERRORS = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+def is_no_reply(msg: Message) -> bool:
+    """Whether ``msg`` is the SuperLink's stand-in for a reply that never came (see the module)."""
+    return (msg.has_error() and int(msg.error.code) in NO_REPLY_ERRORS
+            and int(msg.metadata.src_node_id) == SUPERLINK_NODE_ID)
 
 
 def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,

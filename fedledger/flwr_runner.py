@@ -196,20 +196,57 @@ def stop_local_superlink(flwr_home: str) -> list[int]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
         if "flower-superlink" in cmd and marker in cmd:
-            family = [proc] + proc.children(recursive=True)
-            for p in family:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                    killed.append(p.pid)
-                except psutil.Error:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+            killed += _stop_family(proc)
     return killed
+
+
+def stop_orphaned_superlinks(flwr_home: str) -> list[int]:
+    """Stop, by PID, each local SuperLink of ``flwr_home`` whose ``flwr run`` is gone (it was killed:
+    ``flwr run`` starts the SuperLink in a session of its own, so a SIGKILL of the CLI, or of its
+    terminal, leaves it running, with whatever ServerApp it still runs). Returns their PIDs."""
+    import psutil
+
+    marker = os.path.join(os.path.abspath(flwr_home), "local-superlink")
+    orphans = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "flower-superlink" in cmd and marker in cmd and not _started_by_live_flwr_run(proc):
+            orphans.append(proc)
+    for proc in orphans:
+        _stop_family(proc)
+    return [p.pid for p in orphans]
+
+
+def _started_by_live_flwr_run(proc) -> bool:
+    import psutil
+
+    try:
+        parent = proc.parent()
+        return parent is not None and "flwr" in " ".join(parent.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _stop_family(proc, timeout: float = 10.0) -> list[int]:
+    """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout``."""
+    import psutil
+
+    try:
+        family = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in family]
 
 
 def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: str = "",
@@ -240,6 +277,10 @@ def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: 
 def _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo, keep_superlink,
               mode, progress=None) -> RunOutcome:
     os.makedirs(flwr_home, exist_ok=True)
+    if not superlink:
+        for pid in stop_orphaned_superlinks(flwr_home):
+            print(f"fedledger: stopped a local SuperLink (pid {pid}) that a killed run left running in "
+                  f"{os.path.abspath(flwr_home)}", file=sys.stderr)
     env = flwr_env(flwr_home, {"FEDLEDGER_PROGRESS": "1"} if progress else None, mode=mode)
     cmd = [_flwr_bin("flwr"), "run", app_dir]
     if superlink:

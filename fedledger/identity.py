@@ -13,7 +13,13 @@ and a signature over ``(run id, node id, partition id)``, which proves it holds 
   must sign with the key derived for its partition (a node with a ``key-file`` signs with its
   own key, accepted when no other node holds it; enrolment of such keys is the ledger's job);
 - a node that does not answer is asked again at the next round; one whose ClientApp has no
-  ``query.identity`` handler is refused (not a fedledger ClientApp).
+  ``query.identity`` handler is refused (not a fedledger ClientApp);
+- a SuperNode that restarts (killed, rebooted) connects under a new Flower node id. When the
+  node holding its partition is no longer connected and the newcomer proves the *same signer
+  key* that node proved, it is that participant again: it takes the partition over (it rejoins,
+  logged, listed under ``rejoined``). While the old node id is still connected (the SuperLink
+  lets it go after two missed heartbeats) the newcomer is asked again at the next round. Without
+  a signer (an unaudited run) nothing proves it is the same participant, and it is refused.
 
 From then on trust history, detection and topology peers are keyed by this identity; a
 partition id that a train reply reports about itself is never read.
@@ -72,6 +78,7 @@ class Roster:
         self.timeout = timeout
         self.known: dict[int, Identity] = {}
         self.refused: dict[int, str] = {}
+        self.rejoined: dict[int, int] = {}     # node id now -> the node id it first had (it restarted)
 
     # ------------------------------------------------------------------ core.Identities
     def resolve(self, node_id: int) -> Identity | None:
@@ -79,7 +86,8 @@ class Roster:
 
     def refresh(self, grid: Grid) -> None:
         """Ask every connected node that has no identity yet (at most once each, unless it did not answer)."""
-        new = sorted(int(n) for n in grid.get_node_ids() if int(n) not in self.known and int(n) not in self.refused)
+        connected = {int(n) for n in grid.get_node_ids()}
+        new = sorted(n for n in connected if n not in self.known and n not in self.refused)
         if not new:
             return
         messages = [Message(RecordDict({"config": ConfigRecord({"run-id": self.run_id})}), dst_node_id=n,
@@ -103,7 +111,14 @@ class Roster:
                     self._refuse(node, f"partition {partition} is claimed by nodes {[n for n, _ in claimants]}")
                 continue
             node, ident = claimants[0]
-            if partition in held:
+            if partition in held and self._same_signer(ident, held[partition]):
+                if held[partition] in connected:   # restarted before the SuperLink let its old id go
+                    log.warning("identity: node %s proves partition %s's signer, but node %s still holds it; asked "
+                                "again next round", node, partition, held[partition])
+                    continue
+                self._take_over(node, ident, held[partition])
+                held[partition], signers[ident.signer.lower()] = node, node
+            elif partition in held:
                 self._refuse(node, f"partition {partition} already belongs to node {held[partition]}")
             elif ident.signer and ident.signer.lower() in signers:
                 self._refuse(node, f"signer {ident.signer} already belongs to node {signers[ident.signer.lower()]}")
@@ -119,7 +134,20 @@ class Roster:
 
     def to_dict(self) -> dict:
         return {"nodes": {str(n): i.to_dict() for n, i in sorted(self.known.items())},
-                "refused": {str(n): r for n, r in sorted(self.refused.items())}}
+                "refused": {str(n): r for n, r in sorted(self.refused.items())},
+                "rejoined": {str(n): old for n, old in sorted(self.rejoined.items())}}
+
+    def _same_signer(self, ident: Identity, holder: int) -> bool:
+        """``ident`` proved the signer key that the partition's holder proved."""
+        before = self.known[holder].signer
+        return ident.signer is not None and before is not None and ident.signer.lower() == before.lower()
+
+    def _take_over(self, node: int, ident: Identity, holder: int) -> None:
+        del self.known[holder]
+        self.known[node] = ident
+        self.rejoined[node] = self.rejoined.pop(holder, holder)
+        log.warning("identity: node %s rejoins as partition %s (it was node %s, no longer connected; same signer %s)",
+                    node, ident.partition, holder, ident.signer)
 
     def _refuse(self, node: int, reason: str) -> None:
         self.refused[node] = reason

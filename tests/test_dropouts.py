@@ -44,3 +44,30 @@ def test_min_train_and_available_nodes_reach_the_flower_strategy():
     fewer = build_inner(Settings.from_run_config({"strategy": "krum", "min-train-nodes": 2,
                                                   "min-available-nodes": 2}), 3)
     assert (fewer.min_train_nodes, fewer.min_available_nodes) == (2, 2)
+
+
+def test_flowers_node_unavailable_stand_in_reply_is_a_dropout_not_a_refusal(tmp_path):
+    """A SuperNode killed mid-round: the SuperLink answers for it with its own NODE_UNAVAILABLE
+    error (Flower's function, from the SuperLink's node id). That is no reply of any client: the
+    node is ABSENT in that round, and nothing is refused (a refusal naming no signer would hide
+    every ABSENT row of the round)."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from flwr.serverapp.strategy import FedAvg
+
+    chain = Ledger.in_process()
+    fed = Federation()
+    pipeline = audited(FedAvg(), chain, tmp_path, fed)
+    arrays = adapter(fed.seed)
+    for rnd in (1, 2):
+        instructions = list(pipeline.configure_train(rnd, record(arrays), ConfigRecord(), NodeGrid(fed.nodes)))
+        replies = fed.replies(instructions, arrays, rnd)
+        if rnd == 2:
+            lost = next(m for m in instructions if m.metadata.dst_node_id == fed.nodes[2])
+            replies = [r for r in replies if r.metadata.src_node_id != fed.nodes[2]]
+            replies.append(create_message_error_unavailable_res_message(lost.metadata, "node_unavail"))
+        agg, _ = pipeline.aggregate_train(rnd, replies)
+        arrays = {k: v.numpy() for k, v in agg.items()}
+    report = audit_run(str(tmp_path), ledger=chain)
+    assert report.ok, report.table()
+    assert not report.rejected and pipeline.reports[2].received == 2
+    assert [(r.round, r.client) for r in report.absent] == [(2, fed.address(2))]
