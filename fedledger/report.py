@@ -482,12 +482,18 @@ def _ledger_table(metrics, audit, txs) -> str:
 
 
 # ---------------------------------------------------------------------------- the whole report
-def build_report(run_dir: str, out_dir: str | None = None, audit: bool = True) -> Report:
+def build_report(run_dir: str, out_dir: str | None = None, audit: bool = True,
+                 audit_result: tuple[dict | None, str | None] | None = None) -> Report:
     """Write ``report.html`` and the PNGs (default: ``<run_dir>/report/``). Raises
-    :class:`ReportError` when ``run_dir`` is not a run folder."""
+    :class:`ReportError` when ``run_dir`` is not a run folder. ``audit_result``: the audit already
+    run on this folder, as (its JSON, or None with why it could not run); it is shown as it is,
+    not run again (``fedledger run`` prints the audit, then reports that same result)."""
     metrics, missing = read_run(run_dir)
     audited = os.path.exists(os.path.join(run_dir, "audit", "run.json"))
-    audit_json, audit_error = run_audit(run_dir) if audit else (None, "not run: --no-audit")
+    if not audit:
+        audit_json, audit_error = None, "not run: --no-audit"
+    else:
+        audit_json, audit_error = audit_result if audit_result is not None else run_audit(run_dir)
     if audited and audit_json is None:
         missing.append(f"the audit's verdict ({audit_error})" if not audit else
                        f"the audit's verdict (the audit could not run: {audit_error})")
