@@ -96,7 +96,20 @@ def _missing_rounds(metrics: dict) -> list[str]:
         no_eval = [r for r in range(0, planned + 1) if str(r) in rounds and "central" not in rounds[str(r)]]
         if no_eval:
             missing.append(f"held-out evaluation of round(s) {_ranges(no_eval)}")
+    if _no_heldout_data(rounds):
+        missing.append(NO_HELDOUT)
     return missing
+
+
+NO_HELDOUT = ("no held-out data: the held-out split had no answer token to score, so no held-out loss, perplexity "
+              "or accuracy was measured (raise max-length or heldout-fraction)")
+
+
+def _no_heldout_data(rounds: dict) -> bool:
+    """Every evaluated round scored nothing (``clients.train.evaluate`` gives NaN on no answer token;
+    an older run recorded num-examples 0 with a perplexity of 1)."""
+    central = [e["central"] for e in rounds.values() if isinstance(e, dict) and isinstance(e.get("central"), dict)]
+    return bool(central) and all(c.get("num-examples") == 0 or _number(c.get("perplexity")) is None for c in central)
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -190,6 +203,7 @@ def _png(fig) -> bytes:
 
 
 def loss_figure(rounds) -> Figure | None:
+    rounds = [(r, e) for r, e in rounds if (e.get("central") or {}).get("num-examples") != 0]  # nothing scored
     loss, ppl = _series(rounds, "central", "eval-loss"), _series(rounds, "central", "perplexity")
     acc = _series(rounds, "central", "accuracy")
     if not loss[0] and not ppl[0]:
