@@ -130,7 +130,8 @@ def train_steps(model, examples: list[dict], pad_id: int, steps: int, batch_size
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max_batches: int | None = None) -> dict:
     """Token-weighted mean loss over the answer tokens, its perplexity, and top-1 next-token
     accuracy on the same tokens (``accuracy``: the share of answer tokens whose most likely
-    prediction is the right one)."""
+    prediction is the right one). No answer token to score (no example, or every answer cut
+    off): loss, perplexity and accuracy are NaN, never a perplexity of 1 measured on nothing."""
     model.eval()
     tune_allocator()
     device = _device(model)
@@ -145,8 +146,10 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int = 16, max
         total_loss += loss
         total_tokens += count
         correct += hits
-    mean = total_loss / max(total_tokens, 1)
-    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(total_tokens, 1),
+    if total_tokens == 0:
+        return {"eval-loss": math.nan, "perplexity": math.nan, "accuracy": math.nan, "num-examples": len(chosen)}
+    mean = total_loss / total_tokens
+    return {"eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / total_tokens,
             "num-examples": len(chosen)}
 
 

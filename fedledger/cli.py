@@ -79,22 +79,25 @@ def cmd_run(args) -> int:
     if folder and (folder != before or args.resume):
         print(f"fedledger: results in {folder}")
         _print_summary(folder)
-        code = 0
+        code, audit_result = 0, None
         if settings.audit.ledger != "none" and not args.no_audit:
-            from fedledger.cli_chain import audit_run_folder
+            from fedledger.cli_chain import audit_folder
 
-            code = audit_run_folder(folder)
-        _print_report(folder, audit=not args.no_audit)
+            code, audit_json, audit_error = audit_folder(folder)
+            audit_result = (audit_json, audit_error)
+        _print_report(folder, audit=not args.no_audit, audit_result=audit_result)
         return code
     return 0
 
 
-def _print_report(folder: str, audit: bool) -> None:
-    """The run's HTML report (fedledger.report); a report that fails does not fail the run."""
+def _print_report(folder: str, audit: bool, audit_result: tuple[dict | None, str | None] | None = None) -> None:
+    """The run's HTML report (fedledger.report) with the audit just printed (``audit_result``:
+    its JSON and error; the run is not audited a second time); a report that fails does not
+    fail the run."""
     from .report import build_report
 
     try:
-        report = build_report(folder, audit=audit)
+        report = build_report(folder, audit=audit, audit_result=audit_result)
     except Exception as exc:  # the run's results are written: say so, in one line
         print(f"fedledger: warning: could not write the report ({type(exc).__name__}: {exc}); "
               f"try: fedledger report {folder}", file=sys.stderr)

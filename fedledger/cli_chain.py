@@ -27,18 +27,29 @@ def _fail(msg: str) -> int:
 def audit_run_folder(folder: str, rpc_url: str | None = None, registry_address: str | None = None,
                      as_json: bool = False, atol: float = 0.0, admin: str | None = None) -> int:
     """Audit one run folder, print the table (or JSON); returns the exit code (see the module)."""
+    return audit_folder(folder, rpc_url, registry_address, as_json, atol, admin)[0]
+
+
+def audit_folder(folder: str, rpc_url: str | None = None, registry_address: str | None = None,
+                 as_json: bool = False, atol: float = 0.0, admin: str | None = None
+                 ) -> tuple[int, dict | None, str | None]:
+    """Audit one run folder and print the table (or JSON), once: (exit code, the audit's JSON as
+    ``--json`` prints it, or None with the one-line reason it could not run). ``fedledger run`` hands
+    the JSON to its report, so a run is audited once."""
     from fedledger.chain.audit import audit_run
     from fedledger.chain.ledger import LedgerError
 
     try:
         report = audit_run(folder, rpc_url=rpc_url, registry_address=registry_address, atol=atol, admin=admin)
     except LedgerError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc)), None, f"{type(exc).__name__}: {exc}"
     except (OSError, ValueError, KeyError) as exc:
-        return _fail(f"cannot read the audit record in {folder} ({type(exc).__name__}: {exc}); "
-                     f"pass the folder of an audited run")
-    print(json.dumps(report.to_dict(), indent=1) if as_json else report.table())
-    return report.exit_code
+        _fail(f"cannot read the audit record in {folder} ({type(exc).__name__}: {exc}); "
+              f"pass the folder of an audited run")
+        return EXIT_BAD_INPUT, None, f"{type(exc).__name__}: {exc}"
+    result = report.to_dict()
+    print(json.dumps(result, indent=1) if as_json else report.table())
+    return report.exit_code, result, None
 
 
 def cmd_audit(args) -> int:

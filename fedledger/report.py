@@ -96,7 +96,20 @@ def _missing_rounds(metrics: dict) -> list[str]:
         no_eval = [r for r in range(0, planned + 1) if str(r) in rounds and "central" not in rounds[str(r)]]
         if no_eval:
             missing.append(f"held-out evaluation of round(s) {_ranges(no_eval)}")
+    if _no_heldout_data(rounds):
+        missing.append(NO_HELDOUT)
     return missing
+
+
+NO_HELDOUT = ("no held-out data: the held-out split had no answer token to score, so no held-out loss, perplexity "
+              "or accuracy was measured (raise max-length or heldout-fraction)")
+
+
+def _no_heldout_data(rounds: dict) -> bool:
+    """Every evaluated round scored nothing (``clients.train.evaluate`` gives NaN on no answer token;
+    an older run recorded num-examples 0 with a perplexity of 1)."""
+    central = [e["central"] for e in rounds.values() if isinstance(e, dict) and isinstance(e.get("central"), dict)]
+    return bool(central) and all(c.get("num-examples") == 0 or _number(c.get("perplexity")) is None for c in central)
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -190,6 +203,7 @@ def _png(fig) -> bytes:
 
 
 def loss_figure(rounds) -> Figure | None:
+    rounds = [(r, e) for r, e in rounds if (e.get("central") or {}).get("num-examples") != 0]  # nothing scored
     loss, ppl = _series(rounds, "central", "eval-loss"), _series(rounds, "central", "perplexity")
     acc = _series(rounds, "central", "accuracy")
     if not loss[0] and not ppl[0]:
@@ -482,12 +496,18 @@ def _ledger_table(metrics, audit, txs) -> str:
 
 
 # ---------------------------------------------------------------------------- the whole report
-def build_report(run_dir: str, out_dir: str | None = None, audit: bool = True) -> Report:
+def build_report(run_dir: str, out_dir: str | None = None, audit: bool = True,
+                 audit_result: tuple[dict | None, str | None] | None = None) -> Report:
     """Write ``report.html`` and the PNGs (default: ``<run_dir>/report/``). Raises
-    :class:`ReportError` when ``run_dir`` is not a run folder."""
+    :class:`ReportError` when ``run_dir`` is not a run folder. ``audit_result``: the audit already
+    run on this folder, as (its JSON, or None with why it could not run); it is shown as it is,
+    not run again (``fedledger run`` prints the audit, then reports that same result)."""
     metrics, missing = read_run(run_dir)
     audited = os.path.exists(os.path.join(run_dir, "audit", "run.json"))
-    audit_json, audit_error = run_audit(run_dir) if audit else (None, "not run: --no-audit")
+    if not audit:
+        audit_json, audit_error = None, "not run: --no-audit"
+    else:
+        audit_json, audit_error = audit_result if audit_result is not None else run_audit(run_dir)
     if audited and audit_json is None:
         missing.append(f"the audit's verdict ({audit_error})" if not audit else
                        f"the audit's verdict (the audit could not run: {audit_error})")

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -274,6 +275,11 @@ class CentralEvaluation:
         self.task, self.num_rounds = task, settings.strategy.num_rounds
         self.full_split = task.examples("heldout")
         self.sample = fixed_sample(self.full_split, settings.eval.sample, settings.run.seed)
+        if not any(label != -100 for example in self.sample for label in example["labels"]):
+            log.warning("no held-out examples: the held-out split has no answer token to score (every answer cut "
+                        "off at max-length=%s, or no record held out), so held-out loss, perplexity and accuracy "
+                        "are not measured (NaN in metrics.json); raise max-length or heldout-fraction",
+                        settings.data.max_length)
         self.overlap = settings.eval.overlap
         self.results: dict[int, dict] = {}
         self.full: dict | None = None          # the whole split after the last round (when sampled)
@@ -370,6 +376,11 @@ class CentralEvaluation:
                                   lambda result: logs.round_line(server_round, self.num_rounds, entry, result))
 
         return evaluate_fn
+
+
+def _measured(value) -> bool:
+    """A number the evaluation measured (NaN: nothing was scored)."""
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def fixed_sample(examples: list, size: int, seed: int) -> list:
@@ -480,7 +491,7 @@ def write_run(folder: str, settings: Settings, run_id: int, nodes: list[int], ro
         json.dump(summary, fh, indent=2, default=str)
     first, last = rounds.get(0, {}).get("central"), rounds.get(settings.strategy.num_rounds, {}).get("central")
     full = rounds.get(settings.strategy.num_rounds, {}).get("central-full")
-    if first and last:
+    if first and last and _measured(first.get("perplexity")) and _measured(last.get("perplexity")):
         what = f"sample of {last['num-examples']}" if full else "held-out split"
         log.info("held-out perplexity (%s) %.2f -> %.2f over %s rounds (%.1f s)%s", what, first["perplexity"],
                  last["perplexity"], settings.strategy.num_rounds, wall,

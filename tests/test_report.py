@@ -4,6 +4,7 @@ is reported as failed; a serverless run gets its own figures; bad input says wha
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -81,16 +82,21 @@ def test_the_page_shows_every_figure_of_an_audited_attacked_run_in_a_real_browse
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_tampered_run_is_reported_as_failed(audited_run, tmp_path):
-    tampered = str(tmp_path / "tampered")
-    shutil.copytree(audited_run, tampered, ignore=shutil.ignore_patterns("report"))
-    updates = os.path.join(tampered, "audit", "round-0001", "updates")
+def _tamper(folder: str) -> None:
+    """The aggregator rewrites one stored update of round 1 after the round was committed."""
+    updates = os.path.join(folder, "audit", "round-0001", "updates")
     victim = os.path.join(updates, sorted(os.listdir(updates))[0])
-    with open(victim, "r+b") as fh:  # the aggregator rewrites one stored update after the round was committed
+    with open(victim, "r+b") as fh:
         fh.seek(-4, os.SEEK_END)
         last = fh.read(4)
         fh.seek(-4, os.SEEK_END)
         fh.write(bytes(b ^ 0xFF for b in last))
+
+
+def test_a_tampered_run_is_reported_as_failed(audited_run, tmp_path):
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(audited_run, tampered, ignore=shutil.ignore_patterns("report"))
+    _tamper(tampered)
     report = build_report(tampered)
     dom = rendered_dom(report.html)
     verdict, text = verdict_in(dom)
@@ -115,6 +121,50 @@ def test_an_audit_that_cannot_reach_its_chain_is_not_checked_never_passed(audite
     assert "audit" not in report.figures and any("could not run" in m for m in report.missing), report.missing
     dom = rendered_dom(report.html)
     assert verdict_in(dom)[0] == "not-checked" and "PASSED" not in dom
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["clean", "tampered"])
+def test_fedledger_run_audits_once_and_its_report_shows_the_verdict_it_printed(audited_run, tmp_path, monkeypatch,
+                                                                               capsys, tampered):
+    """``fedledger run`` ends with the audit table and the report: one audit (calls counted on the
+    real ``audit_run``), and the page's verdict is the printed one (flwr itself is not started:
+    the finished run is the shared audited run folder, tampered or not)."""
+    from fedledger import cli
+    from fedledger.chain import audit as chain_audit
+    from fedledger.flwr_runner import RunOutcome
+
+    run_dir = tmp_path / "runs"
+    folder = run_dir / os.path.basename(audited_run)
+    shutil.copytree(audited_run, folder, ignore=shutil.ignore_patterns("report"))
+    if tampered:
+        _tamper(str(folder))
+
+    def finished_run(app_dir, run_config, federation_config, **kw):  # what flwr leaves behind: the run folder
+        (run_dir / "LATEST").write_text(str(folder))
+        return RunOutcome("21", "finished:completed", "", 0)
+
+    calls, real_audit = [], chain_audit.audit_run
+
+    def counted_audit(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("run_folder"))
+        return real_audit(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_simulation", finished_run)
+    monkeypatch.setattr(chain_audit, "audit_run", counted_audit)
+    code = cli.main(["run", "--app", os.path.dirname(os.path.dirname(__file__)), "--num-supernodes", "3", "--quiet",
+                     "--run-config", f"model='tiny' audit='eth-tester' run-dir='{run_dir}'"])
+    out = capsys.readouterr().out.splitlines()
+    assert calls == [str(folder)], f"the run was audited {len(calls)} times"
+    assert code == (1 if tampered else 3)  # problems found / no problem but not checked against a chain
+    printed = [l for l in out if l.startswith("audit: ")]
+    page = [l.split("fedledger: report ", 1)[1] for l in out if l.startswith("fedledger: report ")]
+    assert len(printed) == 1 and page == [str(folder / "report" / "report.html")], out
+    with open(page[0]) as fh:
+        verdict = re.search(r"data-verdict='([\w-]+)'>([^<]*)</p>", fh.read())
+    assert verdict.group(1) == ("failed" if tampered else "incomplete")
+    assert html.unescape(verdict.group(2)).endswith(printed[0]), (verdict.group(2), printed[0])
+    if tampered:
+        assert "problem(s) found" in printed[0]
 
 
 def test_a_serverless_run_gets_consensus_and_network_figures(tmp_path_factory):
