@@ -9,6 +9,9 @@ and a signature over ``(run id, node id, partition id)``, which proves it holds 
 - the partition id is a whole number in ``[0, num_partitions)``;
 - a partition claimed by two nodes is refused for both (first claims in one batch) or for the
   newcomer (when an earlier node already holds it): nobody takes over another's history;
+  except a SuperNode that restarted: a newcomer takes over the partition of a node that is no
+  longer connected, with the same signer when the run is signed (until the SuperLink has marked
+  the old node offline, the newcomer is asked again at the next round);
 - a signer address held by another node is refused; a node that signs with a simulation key
   must sign with the key derived for its partition (a node with a ``key-file`` signs with its
   own key, accepted when no other node holds it; enrolment of such keys is the ledger's job);
@@ -96,6 +99,13 @@ class Roster:
                 continue
             claims.setdefault(ident.partition, []).append((node, ident))
         held = {i.partition: n for n, i in self.known.items()}
+        online = {int(n) for n in grid.get_node_ids()}
+        for partition, claimants in sorted(claims.items()):
+            if len(claimants) == 1 and partition in held and self._rejoins(claimants[0][1], held[partition], online):
+                old = held.pop(partition)
+                log.info("identity: node %s takes partition %s back from node %s, which is no longer connected (a "
+                         "restarted SuperNode)", claimants[0][0], partition, old)
+                self.known.pop(old)
         signers = {i.signer.lower(): n for n, i in self.known.items() if i.signer}
         for partition, claimants in sorted(claims.items()):
             if len(claimants) > 1:
@@ -103,7 +113,11 @@ class Roster:
                     self._refuse(node, f"partition {partition} is claimed by nodes {[n for n, _ in claimants]}")
                 continue
             node, ident = claimants[0]
-            if partition in held:
+            if partition in held and held[partition] in online and self._rejoins(ident, held[partition], set()):
+                log.warning("identity: node %s claims partition %s of node %s, which is still connected; asked again "
+                            "next round (a restarted SuperNode takes it over once the old node is offline)",
+                            node, partition, held[partition])
+            elif partition in held:
                 self._refuse(node, f"partition {partition} already belongs to node {held[partition]}")
             elif ident.signer and ident.signer.lower() in signers:
                 self._refuse(node, f"signer {ident.signer} already belongs to node {signers[ident.signer.lower()]}")
@@ -114,6 +128,14 @@ class Roster:
                     signers[ident.signer.lower()] = node
 
     # ------------------------------------------------------------------ helpers
+    def _rejoins(self, ident: Identity, old: int, online: set[int]) -> bool:
+        """Whether ``ident`` may take its partition back from node ``old``: ``old`` is not in
+        ``online`` and, in a signed run, both prove the same signer."""
+        before = self.known[old]
+        same_signer = not self.signing or (bool(ident.signer) and bool(before.signer)
+                                           and ident.signer.lower() == before.signer.lower())
+        return old not in online and same_signer
+
     def nodes_by_partition(self) -> dict[int, int]:
         return {i.partition: n for n, i in sorted(self.known.items(), key=lambda kv: kv[1].partition)}
 
