@@ -361,3 +361,25 @@ def test_gossip_peer_back_after_a_missed_round_gets_the_mean_and_trains_from_it(
     assert res.history[0]["consensus-max"] < 1e-5
     round1 = expected_fedavg(adapter(0), [0, 2, 3])
     assert maxdiff(as_numpy_dict(res.arrays), expected_fedavg(round1, range(4))) < 1e-5
+
+
+def test_the_round_line_of_a_serverless_round_names_the_missing_peers():
+    from fedledger import logs
+
+    line = logs.round_line(2, 4, {"participants": [0, 1, 3], "dropped": [2], "wall-seconds": 12.3},
+                           {"eval-loss": 2.5})
+    assert line == "round 2/4  loss 2.5000  peers 3 live, missing [2]  12.3 s"
+    assert "missing" not in logs.round_line(1, 4, {"participants": [0, 1, 2, 3], "dropped": []}, None)
+
+
+def test_async_gossip_goes_on_without_a_silent_peer_and_stops_below_min_train_nodes():
+    def run(min_train):
+        g = InProcessGrid(fake_app(), 4, {})
+        g.drop = {g.node_of[3]}
+        return build_relay("async-gossip", min_train_nodes=min_train).run(g, dict(g.node_of),
+                                                                          to_arrayrecord(adapter(0)), 2)
+
+    res = run(3)
+    assert [h["participants"] for h in res.history] == [[0, 1, 2], [0, 1, 2]]
+    with pytest.raises(RelayStopped, match=r"async-gossip: round 1 ended with 3 live peer\(s\) \[0, 1, 2\]"):
+        run(4)
