@@ -1,5 +1,5 @@
 """A SuperNode SIGKILLed mid-round in a real deployment of the serverless ring (flower-superlink
-+ 4 flower-supernodes on loopback, `flwr run`): the round completes over the three others (the
++ 3 flower-supernodes on loopback, `flwr run`): the round completes over the three others (the
 SuperLink answers for the dead node once its heartbeats lapse, the ring re-forms), the run
 completes, the run folder names the missing peer in that round, and the node, restarted under a
 new node id, takes its partition back and trains from the current model. Every process is
@@ -20,7 +20,7 @@ import pytest
 from fedledger.flwr_runner import _flwr_bin, flwr_env, free_port, run_simulation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NODES, VICTIM, ROUNDS = 4, 2, 4
+NODES, VICTIM, ROUNDS = 3, 1, 3
 PER_ROUND = 1 + 2 * (NODES - 1) + 1          # train.ring messages a peer gets per round
 
 
@@ -36,9 +36,36 @@ def _start_supernode(dep, partition: int) -> None:
 def _ring_messages(path: str) -> int:
     try:
         with open(path, errors="replace") as fh:
-            return len(re.findall(r"train\.ring", fh.read()))
+            return len(re.findall(r"Receiving: train\.ring", fh.read()))
     except FileNotFoundError:
         return 0
+
+
+def _descendants(procs) -> list[psutil.Process]:
+    """Every live descendant of ``procs`` (the SuperLink's superexec and ServerApp run in their
+    own process group: stopping the SuperLink's group alone would orphan them)."""
+    out = []
+    for proc in procs:
+        try:
+            out += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _kill_left(processes: list[psutil.Process]) -> list[int]:
+    """SIGKILL (by PID) those of ``processes`` still running after a 30 s grace (the superexec
+    leaves on its own once its SuperLink is gone); returns their PIDs."""
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    left = []
+    for p in alive:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p.pid)
+                p.kill()
+        except psutil.Error:
+            continue
+    return left
 
 
 def _group_pids(proc) -> list[int]:
@@ -58,38 +85,43 @@ def test_a_supernode_killed_mid_ring_is_routed_around_named_missing_and_rejoins(
     from fedledger.deployment import LocalDeployment
 
     run_dir = tmp_path / "runs"
-    config = (f"model='tiny' strategy='ring' num-rounds={ROUNDS} local-steps=2 learning-rate=0.005 eval-batches=2 "
+    config = (f"model='tiny' strategy='ring' num-rounds={ROUNDS} local-steps=2 learning-rate=0.005 eval-batches=1 "
               f"min-available-nodes={NODES - 1} run-dir='{run_dir}'")
-    killed, lines = {}, []
+    killed, lines, children = {}, [], []
     with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=NODES) as dep:
-        started = list(dep.procs)
-        victim = dep.procs[1 + VICTIM]                       # procs[0] is the SuperLink
-        victim_log = os.path.join(dep.workdir, f"supernode-{VICTIM}.log")
+        try:
+            started = list(dep.procs)
+            victim = dep.procs[1 + VICTIM]                       # procs[0] is the SuperLink
+            victim_log = os.path.join(dep.workdir, f"supernode-{VICTIM}.log")
 
-        def kill_mid_round_two():
-            """SIGKILL the victim's SuperNode once it holds round 2's first reduce-scatter chunk;
-            restart it (new node id, empty state) 5 s later."""
-            deadline = time.monotonic() + 900
-            while time.monotonic() < deadline and "t" not in killed:
-                seen = _ring_messages(victim_log)
-                if seen >= PER_ROUND + 3:                    # round 2: train, steps 0 and 1 received
-                    os.killpg(victim.pid, signal.SIGKILL)
-                    killed.update(t=time.monotonic(), seen=seen)
-                    time.sleep(5)
-                    _start_supernode(dep, VICTIM)
-                    return
-                time.sleep(0.2)
+            def kill_mid_round_two():
+                """SIGKILL the victim's SuperNode once it holds round 2's first reduce-scatter chunk;
+                restart it (new node id, empty state) 5 s later."""
+                deadline = time.monotonic() + 900
+                while time.monotonic() < deadline and "t" not in killed:
+                    seen = _ring_messages(victim_log)
+                    if seen >= PER_ROUND + 3:                    # round 2: train, steps 0 and 1 received
+                        os.killpg(victim.pid, signal.SIGKILL)
+                        killed.update(t=time.monotonic(), seen=seen)
+                        time.sleep(5)
+                        _start_supernode(dep, VICTIM)
+                        return
+                    time.sleep(0.2)
 
-        killer = threading.Thread(target=kill_mid_round_two, daemon=True)
-        killer.start()
-        outcome = run_simulation(ROOT, config, flwr_home=dep.flwr_home, superlink="deploy", timeout=1500,
-                                 echo=False, progress=lambda line: lines.append((time.monotonic(), line)) and False)
-        killer.join(timeout=5)
-        all_procs = list(dep.procs)
-        assert "t" in killed, f"the victim never reached round 2 (its log: {open(victim_log).read()[-1500:]})"
-        assert outcome.ok, outcome.log[-4000:]
+            killer = threading.Thread(target=kill_mid_round_two, daemon=True)
+            killer.start()
+            outcome = run_simulation(ROOT, config, flwr_home=dep.flwr_home, superlink="deploy", timeout=1500,
+                                     echo=False, progress=lambda line: lines.append((time.monotonic(), line)) and False)
+            killer.join(timeout=5)
+            all_procs = list(dep.procs)
+            assert "t" in killed, f"the victim never reached round 2 (its log: {open(victim_log).read()[-1500:]})"
+            assert outcome.ok, outcome.log[-4000:]
+        finally:
+            children += _descendants(dep.procs)    # stopped after dep.stop(), by PID
+    left = _kill_left(children)
     for p in all_procs:                                      # nothing of the deployment outlives it
         assert not _group_pids(p), f"process group {p.pid} still has {_group_pids(p)}"
+    assert not left, f"processes {left} outlived the deployment (killed now)"
     assert started[1 + VICTIM] is victim
 
     with open(os.path.join(run_dir, "LATEST")) as fh:
