@@ -383,3 +383,29 @@ def test_async_gossip_goes_on_without_a_silent_peer_and_stops_below_min_train_no
     assert [h["participants"] for h in res.history] == [[0, 1, 2], [0, 1, 2]]
     with pytest.raises(RelayStopped, match=r"async-gossip: round 1 ended with 3 live peer\(s\) \[0, 1, 2\]"):
         run(4)
+
+
+def test_the_real_serverapp_writes_the_rounds_of_a_stopped_serverless_run_then_stops(tmp_path):
+    """The fedledger ServerApp and ClientApp in process (tiny model): partition 1 goes silent in
+    round 1's ring with min-train-nodes=3, so the run stops after round 1, and the run folder
+    already holds that round with the missing peer named."""
+    import json
+    import os
+
+    from fedledger import server_app
+    from fedledger.client_app import app as client_app
+
+    from .conftest import TINY
+
+    cfg = {**TINY, "strategy": "ring", "local-steps": 1, "eval-batches": 1, "min-train-nodes": 3,
+           "run-dir": str(tmp_path / "runs")}
+    grid = SilentAfter(client_app, 3, cfg, victim=1, after=2, in_round=1, run_id=7, seed=11)
+    with pytest.raises(RelayStopped, match=r"round 1 ended with 2 live peer\(s\) \[0, 2\].*min-train-nodes=3"
+                                           r".*the rounds so far are in ") as err:
+        server_app.run(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg),
+                       settle=0.0)
+    folder = str(err.value).rsplit("the rounds so far are in ", 1)[1]
+    with open(os.path.join(folder, "metrics.json")) as fh:
+        m = json.load(fh)
+    assert m["rounds"]["1"]["exchange"]["dropped"] == [1] and m["rounds"]["1"]["exchange"]["participants"] == [0, 2]
+    assert "2" not in m["rounds"] and "central" in m["rounds"]["1"]
