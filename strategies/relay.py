@@ -322,7 +322,7 @@ class RelayRunner:
             log.warning("%s: round %s: the dead peers %s cut the live network into %s parts %s; peers %s cannot "
                         "reach the largest part", type(self).__name__, server_round,
                         sorted(set(run.topology.nodes) - set(alive)), len(net.parts),
-                        [p.nodes for p in net.parts], net.unreachable)
+                        [p.nodes for p in net.parts], list(net.unreachable))
         return net
 
     def topology_for(self, partitions: list[int]) -> topo_lib.Topology:

@@ -338,7 +338,7 @@ def test_gossip_says_in_one_line_and_counts_the_peers_a_dead_peer_cuts_off(caplo
     h = res.history[0]
     assert h["participants"] == [0, 1, 3, 4] and h["unreachable"] == [3, 4]
     lines = [r.message for r in caplog.records if "cut the live network" in r.message]
-    assert lines and "into 2 parts [[0, 1], [3, 4]]" in lines[0] and "peers (3, 4)" in lines[0]
+    assert lines and "into 2 parts [[0, 1], [3, 4]]" in lines[0] and "peers [3, 4] cannot reach" in lines[0]
     assert all({a, b} <= {0, 1} or {a, b} <= {3, 4} for step in h["exchanges"] for a, b in step)
     # each part mixes to its own examples-weighted average
     part = {p: trained(adapter(0), p) for p in (0, 1)}
