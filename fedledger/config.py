@@ -328,12 +328,13 @@ class StrategySettings(_Group):
                                     within(0, 1, "(]"))
     fraction_evaluate: float = setting("fraction-evaluate", 0.0, "share of nodes sampled to evaluate each round",
                                        within(0, 1, "[]"))
-    min_train_nodes: int = setting("min-train-nodes", 1, "hub strategies: fewest nodes a round samples to train",
+    min_train_nodes: int = setting("min-train-nodes", 1, "hub strategies: fewest nodes a round samples to train; "
+                                   "serverless: fewest live peers a round may end with (fewer stops the run)",
                                    at_least(1))
-    min_available_nodes: int = setting("min-available-nodes", 0, "hub strategies: nodes that must be connected "
-                                       "before a round starts (Flower waits for them); 0 = every node of the run's "
-                                       "start (a dropout then stalls the round: set fewer to go on without it)",
-                                       at_least(0))
+    min_available_nodes: int = setting("min-available-nodes", 0, "nodes that must be connected before a round "
+                                       "starts (Flower and the serverless relays wait for them); 0 = every node of "
+                                       "the run's start (a dropout then stalls the round: set fewer to go on "
+                                       "without it)", at_least(0))
     num_malicious: int = setting("num-malicious", -1, "f for Krum/MultiKrum/Bulyan; -1 = the number of malicious ids",
                                  at_least(-1))
     proximal_mu: float = setting("proximal-mu", 0.01, "FedProx proximal term", at_least(0))

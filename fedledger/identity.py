@@ -8,7 +8,8 @@ and a signature over ``(run id, node id, partition id)``, which proves it holds 
 
 - the partition id is a whole number in ``[0, num_partitions)``;
 - a partition claimed by two nodes is refused for both (first claims in one batch) or for the
-  newcomer (when an earlier node already holds it): nobody takes over another's history;
+  newcomer (when an earlier node already holds it): nobody takes over another's history
+  (except a restarted SuperNode, below);
 - a signer address held by another node is refused; a node that signs with a simulation key
   must sign with the key derived for its partition (a node with a ``key-file`` signs with its
   own key, accepted when no other node holds it; enrolment of such keys is the ledger's job);
@@ -18,8 +19,9 @@ and a signature over ``(run id, node id, partition id)``, which proves it holds 
   node holding its partition is no longer connected and the newcomer proves the *same signer
   key* that node proved, it is that participant again: it takes the partition over (it rejoins,
   logged, listed under ``rejoined``). While the old node id is still connected (the SuperLink
-  lets it go after two missed heartbeats) the newcomer is asked again at the next round. Without
-  a signer (an unaudited run) nothing proves it is the same participant, and it is refused.
+  lets it go after two missed heartbeats) the newcomer is asked again at the next round. In an
+  unsigned run (serverless, or ``audit = "none"``) no claim is proven, a first one neither, so a
+  newcomer takes over the partition of a node that is no longer connected without a signer.
 
 From then on trust history, detection and topology peers are keyed by this identity; a
 partition id that a train reply reports about itself is never read.
@@ -111,13 +113,16 @@ class Roster:
                     self._refuse(node, f"partition {partition} is claimed by nodes {[n for n, _ in claimants]}")
                 continue
             node, ident = claimants[0]
-            if partition in held and self._same_signer(ident, held[partition]):
+            if partition in held and self._may_rejoin(ident, held[partition]):
                 if held[partition] in connected:   # restarted before the SuperLink let its old id go
-                    log.warning("identity: node %s proves partition %s's signer, but node %s still holds it; asked "
-                                "again next round", node, partition, held[partition])
+                    log.warning("identity: node %s claims partition %s of node %s, which is still connected; asked "
+                                "again next round (a restarted SuperNode takes it over once the old node is offline)",
+                                node, partition, held[partition])
                     continue
                 self._take_over(node, ident, held[partition])
-                held[partition], signers[ident.signer.lower()] = node, node
+                held[partition] = node
+                if ident.signer:
+                    signers[ident.signer.lower()] = node
             elif partition in held:
                 self._refuse(node, f"partition {partition} already belongs to node {held[partition]}")
             elif ident.signer and ident.signer.lower() in signers:
@@ -137,17 +142,21 @@ class Roster:
                 "refused": {str(n): r for n, r in sorted(self.refused.items())},
                 "rejoined": {str(n): old for n, old in sorted(self.rejoined.items())}}
 
-    def _same_signer(self, ident: Identity, holder: int) -> bool:
-        """``ident`` proved the signer key that the partition's holder proved."""
+    def _may_rejoin(self, ident: Identity, holder: int) -> bool:
+        """Whether ``ident`` is the participant of ``holder``'s partition again (a restarted
+        SuperNode): in a signed run it proved the signer key the holder proved; an unsigned run
+        proves no claim (see the module docstring)."""
+        if not self.signing:
+            return True
         before = self.known[holder].signer
-        return ident.signer is not None and before is not None and ident.signer.lower() == before.lower()
+        return bool(ident.signer) and bool(before) and ident.signer.lower() == before.lower()
 
     def _take_over(self, node: int, ident: Identity, holder: int) -> None:
         del self.known[holder]
         self.known[node] = ident
         self.rejoined[node] = self.rejoined.pop(holder, holder)
-        log.warning("identity: node %s rejoins as partition %s (it was node %s, no longer connected; same signer %s)",
-                    node, ident.partition, holder, ident.signer)
+        log.warning("identity: node %s rejoins as partition %s (it was node %s, no longer connected; signer %s)",
+                    node, ident.partition, holder, ident.signer or "none: unsigned run")
 
     def _refuse(self, node: int, reason: str) -> None:
         self.refused[node] = reason

@@ -109,7 +109,8 @@ def round_line(server_round: int, num_rounds: int, report: dict, central: dict |
         parts.append(f"loss {central['eval-loss']:.4f}")
     if _is_number(central.get("perplexity")):
         parts.append(f"ppl {central['perplexity']:.2f}")
-    parts += [p for p in (_clients_part(report), _traffic_part(report), _seconds_part(report)) if p]
+    parts += [p for p in (_clients_part(report), _peers_part(report), _traffic_part(report), _seconds_part(report))
+              if p]
     return "  ".join(parts)
 
 
@@ -121,6 +122,14 @@ def _clients_part(report: dict) -> str | None:
     counts = [f"{len(report[key])} {key}" for key in ("kept", "rejected", "distrusted")
               if isinstance(report.get(key), list)]
     return "clients " + ", ".join(counts) if counts else None
+
+
+def _peers_part(report: dict) -> str | None:
+    """Serverless rounds: how many peers finished the round, and which were missing."""
+    live, missing = report.get("participants"), report.get("dropped")
+    if not isinstance(live, list):
+        return None
+    return f"peers {len(live)} live" + (f", missing {sorted(missing)}" if missing else "")
 
 
 def _traffic_part(report: dict) -> str | None:

@@ -50,6 +50,7 @@ from fedledger.core.checkpoint import resume as resume_pipeline  # noqa: E402
 from fedledger.core.pipeline import to_record  # noqa: E402
 from fedledger.core.update import decode_global  # noqa: E402
 from fedledger.strategies.detection import detection_metrics  # noqa: E402
+from fedledger.strategies.relay import RelayStopped  # noqa: E402
 
 from .config import FRAMEWORK_STRATEGIES, ConfigError, Settings  # noqa: E402
 from .frameworks import build_runner, preflight  # noqa: E402
@@ -70,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
     logs.quiet_libraries()
     try:
         run(grid, context)
-    except (ConfigError, ModelError, DataError, TopologyError, LedgerError, CheckpointError) as exc:  # one line
+    except (ConfigError, ModelError, DataError, TopologyError, LedgerError, CheckpointError,
+            RelayStopped) as exc:  # one line
         # Logged as one line; re-raised so that Flower records the run as failed (SystemExit
         # would be recorded as "completed"). What the ledger already recorded stays recorded.
         log.error("error: %s", exc)
@@ -105,12 +107,16 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
         grid, trail = marks.grid(grid), marks.trail(trail)
     start = time.perf_counter()
     max_examples = settings.strategy.max_num_examples or len(task.splits["partitions"][0])
+    stopped = None
     if settings.serverless:
         roster.refresh(grid)
         runner = build_relay(settings, len(nodes))
         try:
             result = runner.run(grid, roster.nodes_by_partition(), initial, settings.strategy.num_rounds,
-                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.relay(runner)))
+                                train_config=train_config, evaluate_fn=_marked(marks, evaluation.relay(runner)),
+                                peers_fn=lambda: connected_peers(grid, roster))
+        except RelayStopped as exc:   # fewer live peers than min-train-nodes: keep what the rounds did
+            result, stopped = exc.result, exc
         finally:
             evaluation.close()
         final, rounds = result.arrays, relay_rounds(result, settings)
@@ -147,7 +153,17 @@ def run(grid: Grid, context: Context, *, settle: float = 3.0) -> str:
         rounds.setdefault(settings.strategy.num_rounds, {})["central-full"] = evaluation.full
     write_run(folder, settings, ledger_run_id, nodes, roster, rounds, wall, final, task,
               ledger_info() if ledger_info else None)
+    if stopped is not None:
+        raise RelayStopped(f"{stopped}; the rounds so far are in {folder}")
     return folder
+
+
+def connected_peers(grid: Grid, roster: Roster) -> dict[int, int]:
+    """Partition -> node id of the connected nodes, after asking any new node who it is (a
+    SuperNode that restarted comes back under a new node id and takes its partition back)."""
+    roster.refresh(grid)
+    online = {int(n) for n in grid.get_node_ids()}
+    return {p: n for p, n in roster.nodes_by_partition().items() if n in online}
 
 
 class Resumed:

@@ -100,4 +100,5 @@ def build_relay(settings: Settings, num_nodes: int):
                  local_steps=settings.train.local_steps, step_seconds=t.step_seconds, seed=settings.run.seed,
                  latency=t.link_latency, bandwidth=t.link_bandwidth, heterogeneity=t.speed_heterogeneity,
                  gossip_k=t.gossip_k, gossip_steps=t.gossip_steps, ring_order=t.ring_order,
-                 staleness_exponent=t.staleness_exponent)
+                 staleness_exponent=t.staleness_exponent, min_train_nodes=settings.strategy.min_train_nodes,
+                 min_available_nodes=settings.strategy.min_available_nodes)

@@ -55,14 +55,17 @@ class Gossip(RelayRunner):
         self.dissemination_seconds: float | None = None
 
     def run_round(self, run: RelayRun, server_round: int) -> RoundOutcome:
-        contents = self.train_contents(run, server_round, self._synced, self._last)
+        peers = self.live_peers(run, server_round)
+        self._synced = self.synced(self._synced)
+        contents = self.train_contents(run, server_round, self._synced, self._last, peers)
         replies = run.relay.send(contents, server_round)
         metrics = self.mean_metrics(replies)
         records = {p: r.content["arrays"] for p, r in replies.items() if "arrays" in r.content.array_records}
         n_ex = {p: float(replies[p].content["metrics"].get("num-examples", 1.0)) for p in records}
         alive = sorted(records)
+        self._synced -= set(run.topology.nodes) - set(alive)   # a peer that missed the round gets the mean back
         if not alive:
-            return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(contents)})
+            return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(run.topology.nodes)})
         self._synced |= set(alive)
         if self._info is None:
             self._info = {p: {p} for p in alive}
@@ -73,11 +76,14 @@ class Gossip(RelayRunner):
         consensus = [consensus_distance(np.stack([flat[p] for p in alive]), true_avg)]
         phases, exchanges = [], []
         votes, heard = defaultdict(set), defaultdict(set)  # peer -> distinct peers that distrusted / received it
-        dropped = sorted(set(contents) - set(alive))
+        dropped = sorted(set(run.topology.nodes) - set(alive))
+        unreachable: set[int] = set()
         for _ in range(self.steps):
-            pairs = topo_lib.gossip_pairs(run.topology, self.k, self.rng, nodes=alive)
+            net = self.live_network(run, alive, server_round)   # paths over live peers only
+            unreachable |= set(net.unreachable)
+            pairs = topo_lib.gossip_pairs(run.topology, self.k, self.rng, nodes=alive)  # live neighbours only
             replies = run.relay.send(self._mix_contents(alive, pairs, records, mass, server_round), server_round)
-            phases.append(run.topology.phase([(i, j, nbytes) for i, j in pairs] + [(j, i, nbytes) for i, j in pairs]))
+            phases.append(net.phase([(i, j, nbytes) for i, j in pairs] + [(j, i, nbytes) for i, j in pairs]))
             exchanges.append([list(e) for e in pairs])
             self._spread_info(pairs)
             gone = [p for p in alive if p not in replies]
@@ -109,7 +115,8 @@ class Gossip(RelayRunner):
         self._last = arrays
         entry = {"participants": alive, "dropped": sorted(set(dropped)), "k": self.k, "exchanges": exchanges,
                  "consensus": consensus, "consensus-max": consensus[-1]["consensus-max"],
-                 "consensus-mean": consensus[-1]["consensus-mean"], "adapter-bytes": nbytes,
+                 "consensus-mean": consensus[-1]["consensus-mean"], "unreachable": sorted(unreachable),
+                 "adapter-bytes": nbytes,
                  "sim-time": self._clock, "dissemination-seconds": self.dissemination_seconds, **self.accounting(acc),
                  **distrust}
         return RoundOutcome(arrays, metrics, entry)
@@ -134,7 +141,11 @@ class Gossip(RelayRunner):
         return contents
 
     def _spread_info(self, pairs) -> None:
-        """Push-pull spreads whose round-1 update each model holds (for dissemination time)."""
+        """Push-pull spreads whose round-1 update each model holds (for dissemination time); a
+        peer that missed round 1 holds its own first update."""
+        for pair in pairs:
+            for p in pair:
+                self._info.setdefault(p, {p})
         new = {p: set(v) for p, v in self._info.items()}
         for i, j in pairs:
             new[i] |= self._info.get(j, set())

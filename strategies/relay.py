@@ -50,6 +50,15 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | Mapping | None]
 
 
 # ---------------------------------------------------------------------- results
+class RelayStopped(RuntimeError):
+    """A round ended with fewer live peers than ``min-train-nodes``: the run stops (one line).
+    ``result`` holds every round recorded so far, the stopping round included."""
+
+    def __init__(self, message: str, result: "RelayResult | None" = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass(frozen=True)
 class RelayResult:
     """A whole serverless run: the final mean model (for evaluation only; no peer received it),
@@ -108,8 +117,12 @@ class Relay:
         self.messages += len(msgs)
         self.last_errors: dict[int, str] = {}   # peer -> the reason of its error reply, for this send
         out: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            peer = self.peer_of.get(int(reply.metadata.src_node_id))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        sent_as = {m.metadata.message_id: peer for m, peer in zip(msgs, contents) if m.metadata.message_id}
+        for reply in replies:
+            # a SuperNode's reply comes from its node; the SuperLink answers for a node that stopped
+            # sending heartbeats (NODE_UNAVAILABLE) from its own id, naming the message it answers
+            peer = self.peer_of.get(int(reply.metadata.src_node_id), sent_as.get(reply.metadata.reply_to_message_id))
             if peer is None or peer not in contents:
                 continue
             if reply.has_error():
@@ -124,6 +137,15 @@ class Relay:
         if missing:
             log.warning("%s: round %s: no reply from peers %s (routed around)", self.owner, server_round, missing)
         return out
+
+    def update_peers(self, peers: Mapping[int, int]) -> list[int]:
+        """Point the run's partitions at the nodes that hold them now (a SuperNode that restarted
+        comes back under a new node id); returns the partitions whose node changed."""
+        changed = sorted(int(p) for p, n in peers.items() if int(p) in self.node_of and self.node_of[int(p)] != int(n))
+        for p in changed:
+            self.node_of[p] = int(peers[p])
+        self.peer_of = {n: p for p, n in self.node_of.items()}
+        return changed
 
 
 @dataclass(frozen=True)
@@ -197,9 +219,13 @@ class RelayRunner:
     name = "relay"
     message_type = "train"
 
+    #: seconds between two looks at the connected nodes while a round waits for min-available-nodes
+    poll_seconds = 1.0
+
     def __init__(self, topology: topo_lib.Topology | str = "complete", *, local_steps: int = 1,
                  step_seconds: float = 1.0, seed: int = 0, latency: float = topo_lib.DEFAULT_LATENCY,
-                 bandwidth: float = topo_lib.DEFAULT_BANDWIDTH, heterogeneity: float = 0.0) -> None:
+                 bandwidth: float = topo_lib.DEFAULT_BANDWIDTH, heterogeneity: float = 0.0,
+                 min_train_nodes: int = 1, min_available_nodes: int = 0) -> None:
         if not isinstance(topology, (topo_lib.Topology, str)):
             raise TypeError(f"topology must be a Topology or a spec string, got {type(topology).__name__}")
         _check(int(local_steps) >= 1, f"local_steps must be >= 1, got {local_steps}")
@@ -207,6 +233,9 @@ class RelayRunner:
         _check(float(latency) >= 0, f"latency must be >= 0 seconds, got {latency}")
         _check(float(bandwidth) > 0, f"bandwidth must be > 0 bytes/s, got {bandwidth}")
         _check(float(heterogeneity) >= 0, f"heterogeneity must be >= 0, got {heterogeneity}")
+        _check(int(min_train_nodes) >= 1, f"min-train-nodes must be >= 1, got {min_train_nodes}")
+        _check(int(min_available_nodes) >= 0, f"min-available-nodes must be >= 0, got {min_available_nodes}")
+        self.min_train_nodes, self.min_available_nodes = int(min_train_nodes), int(min_available_nodes)
         self.topology = topology
         self.local_steps, self.step_seconds, self.seed = int(local_steps), float(step_seconds), int(seed)
         self.latency, self.bandwidth, self.heterogeneity = float(latency), float(bandwidth), float(heterogeneity)
@@ -215,8 +244,15 @@ class RelayRunner:
     # ------------------------------------------------------------------ the run
     def run(self, grid: Grid, peers: Mapping[int, int], initial_arrays: ArrayRecord, num_rounds: int, *,
             timeout: float = 3600, train_config: ConfigRecord | None = None,
-            evaluate_fn: EvaluateFn | None = None) -> RelayResult:
-        """Run ``num_rounds`` rounds among ``peers`` (partition -> Flower node id)."""
+            evaluate_fn: EvaluateFn | None = None,
+            peers_fn: Callable[[], Mapping[int, int]] | None = None) -> RelayResult:
+        """Run ``num_rounds`` rounds among ``peers`` (partition -> Flower node id).
+
+        ``peers_fn()``: the partitions held by a connected node now (partition -> node id), asked
+        before every synchronous round; a partition whose node changed (a SuperNode that
+        restarted) rejoins from the current model. Default: the nodes of ``peers`` that
+        ``grid.get_node_ids()`` lists. Raises :class:`RelayStopped` when a round ends with fewer
+        than ``min_train_nodes`` live peers."""
         peers = _checked_peers(peers)
         _check(int(num_rounds) >= 1, f"num_rounds must be >= 1, got {num_rounds}")
         train_config = ConfigRecord() if train_config is None else train_config
@@ -227,10 +263,67 @@ class RelayRunner:
         log.info("%s: serverless relay over %s peers (the server never averages), topology=%s", type(self).__name__,
                  len(peers), self.topology if isinstance(self.topology, str) else "custom")
         self.history = []
+        self._peers_fn = peers_fn or (lambda: _connected(grid, run.relay.node_of))
+        self._unsynced: set[int] = set()   # partitions that came back under a new node id
         recorder = _Recorder(self.name, run.relay, initial_arrays, evaluate_fn, self.history)
+
+        def record(server_round: int, outcome: RoundOutcome) -> None:
+            recorder.record(server_round, outcome)
+            self.check_live(server_round, outcome, recorder)
+
         self.begin(run)
-        self.rounds(run, int(num_rounds), recorder.record)
+        self.rounds(run, int(num_rounds), record)
         return recorder.result()
+
+    # ------------------------------------------------------------------ live peers
+    def live_peers(self, run: RelayRun, server_round: int) -> list[int]:
+        """The partitions this round goes to: those a connected node holds. Waits, as Flower's
+        hub strategies do, until ``max(min-available-nodes, min-train-nodes)`` are connected
+        (``min-available-nodes`` 0 = every peer of the run's start)."""
+        need = max(self.min_available_nodes or len(run.topology), self.min_train_nodes)
+        waited, said = 0.0, -1.0
+        while True:
+            now = {int(p): int(n) for p, n in self._peers_fn().items() if int(p) in run.relay.node_of}
+            changed = run.relay.update_peers(now)
+            if changed:
+                log.info("%s: round %s: peers %s rejoined under a new node id; they train from the current model",
+                         type(self).__name__, server_round, changed)
+                self._unsynced |= set(changed)
+            if len(now) >= need:
+                return sorted(now)
+            if waited - said >= 30.0 or said < 0:
+                log.info("%s: round %s waits for peers: %s connected (minimum required: %s; min-available-nodes / "
+                         "min-train-nodes)", type(self).__name__, server_round, len(now), need)
+                said = waited
+            time.sleep(self.poll_seconds)
+            waited += self.poll_seconds
+
+    def synced(self, synced: set[int]) -> set[int]:
+        """``synced`` less the partitions that came back under a new node id (their state is new)."""
+        out = set(synced) - self._unsynced
+        self._unsynced = set()
+        return out
+
+    def check_live(self, server_round: int, outcome: RoundOutcome, recorder: "_Recorder") -> None:
+        """Stop the run (one line) after a round that ended with fewer live peers than
+        ``min-train-nodes``; everything recorded so far is in the exception's result."""
+        live = outcome.entry.get("participants", [])
+        if len(live) < self.min_train_nodes:
+            raise RelayStopped(f"{self.name}: round {server_round} ended with {len(live)} live peer(s) "
+                               f"{list(live)} (dropped {outcome.entry.get('dropped', [])}), fewer than "
+                               f"min-train-nodes={self.min_train_nodes}: the run stops after recording it; start the "
+                               f"missing SuperNodes or lower min-train-nodes", recorder.result())
+
+    def live_network(self, run: RelayRun, alive: Iterable[int], server_round: int) -> "LiveNetwork":
+        """The simulated network among the live peers (paths never go through a dead peer); a
+        cut is said in one line and its unreachable peers counted."""
+        net = LiveNetwork.of(run.topology, alive)
+        if net.unreachable:
+            log.warning("%s: round %s: the dead peers %s cut the live network into %s parts %s; peers %s cannot "
+                        "reach the largest part", type(self).__name__, server_round,
+                        sorted(set(run.topology.nodes) - set(alive)), len(net.parts),
+                        [p.nodes for p in net.parts], list(net.unreachable))
+        return net
 
     def topology_for(self, partitions: list[int]) -> topo_lib.Topology:
         """The run's topology; its peers must be exactly the run's partitions."""
@@ -259,12 +352,13 @@ class RelayRunner:
 
     # ------------------------------------------------------------------ shared pieces
     def train_contents(self, run: RelayRun, server_round: int, synced: set[int],
-                       last: ArrayRecord | None) -> dict[int, RecordDict]:
-        """``phase=train`` to every peer; a peer that does not hold the last round's result (first
-        round, or it missed it) also gets that model (the initial adapter at first)."""
+                       last: ArrayRecord | None, peers: Iterable[int] | None = None) -> dict[int, RecordDict]:
+        """``phase=train`` to every live peer (``peers``, default all); a peer that does not hold
+        the last round's result (first round, it missed it, or it rejoined) also gets that model
+        (the initial adapter at first)."""
         cfg = {**dict(run.train_config), "server-round": server_round, "phase": "train"}
         contents = {}
-        for p in run.topology.nodes:
+        for p in (run.topology.nodes if peers is None else peers):
             c = RecordDict({"config": ConfigRecord(cfg)})
             if p not in synced:
                 c["arrays"] = last if last is not None else run.initial
@@ -296,17 +390,64 @@ class RelayRunner:
         return exchange_fields(acc)
 
 
+# ---------------------------------------------------------------------- the live network
+@dataclass(frozen=True)
+class LiveNetwork:
+    """The topology among the live peers: one :class:`~.topology.Topology` per connected part
+    (fastest paths over live peers only, networkx) and the peers outside the largest part."""
+
+    parts: tuple[topo_lib.Topology, ...]
+    unreachable: tuple[int, ...]
+
+    @classmethod
+    def of(cls, topology: topo_lib.Topology, alive: Iterable[int]) -> "LiveNetwork":
+        import networkx as nx
+
+        if set(alive) == set(topology.nodes):
+            return cls((topology,), ())
+        live = topology.graph.subgraph(sorted(set(alive)))
+        comps = sorted((sorted(c) for c in nx.connected_components(live)), key=lambda c: (-len(c), c[0]))
+        parts = tuple(topo_lib.Topology(live.subgraph(c).copy()) for c in comps)
+        return cls(parts, tuple(p for c in comps[1:] for p in c))
+
+    @property
+    def whole(self) -> topo_lib.Topology | None:
+        """The live topology when it is in one part, else None."""
+        return self.parts[0] if len(self.parts) == 1 else None
+
+    def part_of(self, peer: int) -> topo_lib.Topology:
+        return next(p for p in self.parts if peer in p.graph)
+
+    def phase(self, transfers) -> dict:
+        """``Topology.phase`` of concurrent transfers within the parts (the parts run side by side:
+        the phase lasts as long as the slowest)."""
+        groups: dict[int, list] = defaultdict(list)
+        for t in transfers:
+            groups[next(i for i, p in enumerate(self.parts) if t[0] in p.graph)].append(t)
+        done = [self.parts[i].phase(ts) for i, ts in sorted(groups.items())]
+        out = {"seconds": max((d["seconds"] for d in done), default=0.0), "link-bytes": {}, "peer-sent": {},
+               "peer-received": {}}
+        for d in done:
+            for key in ("link-bytes", "peer-sent", "peer-received"):
+                out[key].update(d[key])
+        return out
+
+
 # ---------------------------------------------------------------------- the factory
 def build_relay(name: str, *, topology: str | topo_lib.Topology = "complete", local_steps: int = 1,
                 step_seconds: float = 1.0, seed: int = 0, latency: float = topo_lib.DEFAULT_LATENCY,
                 bandwidth: float = topo_lib.DEFAULT_BANDWIDTH, heterogeneity: float = 0.0, gossip_k: int = 2,
-                gossip_steps: int = 1, ring_order: str = "tsp", staleness_exponent: float = 0.5) -> RelayRunner:
+                gossip_steps: int = 1, ring_order: str = "tsp", staleness_exponent: float = 0.5,
+                min_train_nodes: int = 1, min_available_nodes: int = 0) -> RelayRunner:
     """The relay runner ``name`` (one of :data:`SERVERLESS`); ``topology`` is "complete",
-    "geometric", a topology file or a :class:`~.topology.Topology` whose peers are the partitions."""
+    "geometric", a topology file or a :class:`~.topology.Topology` whose peers are the partitions.
+    ``min_available_nodes`` (0 = every peer): connected peers a round waits for;
+    ``min_train_nodes``: fewest live peers a round may end with (fewer stops the run)."""
     if isinstance(topology, str):
         _check_topology_spec(topology)
     common = dict(topology=topology, local_steps=local_steps, step_seconds=step_seconds, seed=seed,
-                  latency=latency, bandwidth=bandwidth, heterogeneity=heterogeneity)
+                  latency=latency, bandwidth=bandwidth, heterogeneity=heterogeneity,
+                  min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
     if name == "ring":
         from .ring import RingAllReduce
 
@@ -349,6 +490,12 @@ def _check_topology_spec(spec: str) -> None:
     """Fail before the run for a spec ``topology.build`` would refuse (the peer count comes later)."""
     if spec not in TOPOLOGY_KINDS and not os.path.isfile(spec):
         raise topo_lib.TopologyError(f"topology {spec!r} is not 'complete', 'geometric' or an existing file")
+
+
+def _connected(grid: Grid, node_of: Mapping[int, int]) -> dict[int, int]:
+    """The run's partitions whose node the grid lists as connected."""
+    online = {int(n) for n in grid.get_node_ids()}
+    return {p: n for p, n in node_of.items() if n in online}
 
 
 def _checked_peers(peers: Mapping[int, int]) -> dict[int, int]:

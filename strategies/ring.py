@@ -49,22 +49,27 @@ class RingAllReduce(RelayRunner):
         self._synced: set[int] = set()  # peers holding the last round's ring result
         self._last: ArrayRecord | None = None
 
-    def ring(self, run: RelayRun, peers, nbytes: float = 0.0) -> list[int]:
-        return topo_lib.ring_order(run.topology, self.order_method, seed=self.seed, nbytes=nbytes, nodes=peers)
+    def ring(self, topology: topo_lib.Topology, peers, nbytes: float = 0.0) -> list[int]:
+        return topo_lib.ring_order(topology, self.order_method, seed=self.seed, nbytes=nbytes, nodes=peers)
 
     def run_round(self, run: RelayRun, server_round: int) -> RoundOutcome:
-        contents = self.train_contents(run, server_round, self._synced, self._last)
+        peers = self.live_peers(run, server_round)
+        contents = self.train_contents(run, server_round, self.synced(self._synced), self._last, peers)
         replies = run.relay.send(contents, server_round)
         metrics = self.mean_metrics(replies)
         alive = sorted(replies)
+        absent = sorted(set(run.topology.nodes) - set(contents))    # not connected at the round's start
         if not alive:
-            return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(contents)})
+            return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(run.topology.nodes)})
         nbytes = run.nbytes
-        dropped, restarts = sorted(set(contents) - set(alive)), 0
+        dropped, restarts, unreachable = absent + sorted(set(contents) - set(alive)), 0, set()
         phases = []
         while True:
-            order = self.ring(run, alive, nbytes / len(alive))
-            ok, vec, bad, step_phases = self._all_reduce(run, order, server_round)
+            net = self.live_network(run, alive, server_round)
+            unreachable |= set(net.unreachable)
+            topology = net.whole or run.topology   # cut: time the hops on the whole network (the relay carries them)
+            order = self.ring(topology, alive, nbytes / len(alive))
+            ok, vec, bad, step_phases = self._all_reduce(run, topology, order, server_round)
             phases += step_phases
             if ok:
                 break
@@ -73,18 +78,19 @@ class RingAllReduce(RelayRunner):
             alive = [p for p in alive if p not in bad]
             log.warning("ring: round %s: peers %s dropped mid-ring, re-forming over %s", server_round, bad, alive)
             if not alive:
+                self._synced = set()
                 return RoundOutcome(None, metrics, {"participants": [], "dropped": sorted(set(dropped))})
         acc = topo_lib._merge_phases(phases, run.compute_seconds(alive, self.step_seconds))
         entry = {"participants": alive, "dropped": sorted(set(dropped)), "restarts": restarts, "ring-order": order,
-                 "ring-cycle-latency": topo_lib.ring_cycle_latency(run.topology, order, nbytes / len(order)),
-                 "adapter-bytes": nbytes, **self.accounting(acc)}
+                 "ring-cycle-latency": topo_lib.ring_cycle_latency(topology, order, nbytes / len(order)),
+                 "unreachable": sorted(unreachable), "adapter-bytes": nbytes, **self.accounting(acc)}
         arrays = to_arrayrecord(vector_to_adapter(vec, run.like))
         self._synced, self._last = set(alive), arrays
         return RoundOutcome(arrays, metrics, entry)
 
-    def _all_reduce(self, run: RelayRun, order: list[int], server_round: int):
-        """Run one reduce-scatter + all-gather over ``order``. Returns (ok, reduced vector,
-        peers to drop, the network phases so far)."""
+    def _all_reduce(self, run: RelayRun, topology: topo_lib.Topology, order: list[int], server_round: int):
+        """Run one reduce-scatter + all-gather over ``order`` (timed on ``topology``). Returns
+        (ok, reduced vector, peers to drop, the network phases so far)."""
         n = len(order)
         total_steps = 2 * (n - 1)
         outputs: dict[int, ArrayRecord] = {}
@@ -106,7 +112,7 @@ class RingAllReduce(RelayRunner):
                 transfers = []
                 for pos, p in enumerate(order):
                     transfers.append((p, order[(pos + 1) % n], int(new_outputs[p]["chunk"].numpy().nbytes)))
-                phases.append(run.topology.phase(transfers))
+                phases.append(topology.phase(transfers))
                 if s == n - 1:  # first all-gather step: every fully reduced chunk passes the relay
                     for pos, p in enumerate(order):
                         reduced[ring_indices(pos, n, s)[0]] = new_outputs[p]["chunk"].numpy()

@@ -70,9 +70,12 @@ def test_a_newcomer_with_another_key_does_not_take_over_a_gone_nodes_partition(t
     assert roster.refused[424242] == f"partition 2 already belongs to node {holder}"
 
 
-def test_without_signatures_a_restarted_node_cannot_prove_who_it_is_and_is_refused():
+def test_without_signatures_a_restarted_node_takes_a_gone_nodes_partition_as_a_first_claim_would():
+    # an unsigned run (serverless, audit="none") proves no claim, a first one neither: a newcomer
+    # takes over the partition of a node that is gone, and is recorded as rejoined
     grid = InProcessGrid(client_app, 3, {}, run_id=RUN)
     roster = _roster(grid, signing=False)
     holder = _restart(grid, 2, new_id=424242)
     roster.refresh(grid)
-    assert roster.refused == {424242: f"partition 2 already belongs to node {holder}"} and not roster.rejoined
+    assert not roster.refused and roster.rejoined == {424242: holder}
+    assert roster.known[424242].partition == 2 and holder not in roster.known
