@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up, then run the tests. With no argument: the default suite (fast, < 15 min on 2 cores).
 #   scripts/test.sh slow        end-to-end and heavier tests (flwr simulations with strategies)
-#   scripts/test.sh deployment  flower-superlink + 2 flower-supernode processes on 127.0.0.1
-#   scripts/test.sh faults      injected faults: anvil SIGKILLed and restarted, a ServerApp killed and resumed
+#   scripts/test.sh deployment  flower-superlink + 2-3 flower-supernode processes on 127.0.0.1 (one serverless ring with a SuperNode killed)
+#   scripts/test.sh faults      injected faults: anvil SIGKILLed and restarted, fedledger run SIGKILLed and resumed, a SuperNode killed and rejoining
 #   scripts/test.sh packaging   wheel + sdist, the wheel in a fresh virtualenv, a run from an empty folder
 #   scripts/test.sh all         everything (GPU tests skip themselves without a GPU)
 #   scripts/test.sh -- ARGS     pass ARGS to pytest

@@ -1,7 +1,6 @@
 """``relay.build_relay``: typed arguments, one clear error for bad ones; the runner's checks of its
 peers; one run with the real tiny model."""
 
-import time
 
 import pytest
 
@@ -91,11 +90,9 @@ def test_ring_with_the_real_tiny_model_lowers_the_heldout_loss():
     cfg = {**TINY, "num-rounds": 1, "local-steps": 3, "strategy": "ring"}
     task = get_task(Settings.from_run_config(cfg), 3)  # the same cached Task the 3 peers use: one model load
     g = InProcessGrid(client_app, 3, cfg)
-    t0 = time.perf_counter()
     res = build_relay("ring", local_steps=3).run(
         g, g.node_of, to_arrayrecord(task.initial_adapter), 1,
         evaluate_fn=lambda r, arrays: task.evaluate(as_numpy_dict(arrays), "heldout", max_batches=None))
     assert res.central[1]["eval-loss"] < res.central[0]["eval-loss"]
     assert res.history[0]["participants"] == [0, 1, 2]
     assert "partition-id" not in res.train_metrics[1]
-    assert time.perf_counter() - t0 < 60
