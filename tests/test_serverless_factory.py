@@ -1,7 +1,6 @@
 """``relay.build_relay``: typed arguments, one clear error for bad ones; the runner's checks of its
 peers; one run with the real tiny model."""
 
-
 import pytest
 
 from fedledger.strategies import topology as T
