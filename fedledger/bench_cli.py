@@ -8,6 +8,13 @@ so a smoke run never overwrites a real result. A bar shows the suites done and t
 the scripts' own lines are printed above it. ``trust`` is robustness + serverless-trust +
 trust-speed; ``all`` is every suite that runs on a CPU.
 
+``docs/results.md`` ends in generated tables: one block per results file, between
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``, holding ``bench/results/NAME.md`` with
+its headings moved down three levels. A full run (no ``--quick``, no ``--out``) rewrites the
+blocks of the suites it ran; ``fedledger bench --docs`` rewrites every block from the results
+as they are (after running a bench script by hand). The text above the blocks (what the
+numbers mean, verdicts) is written by people and is not touched.
+
 Exit: 0 every suite finished, 1 a suite failed (named), 2 bad input (unknown suite, no bench/).
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +37,11 @@ class Suite:
     full: tuple[str, ...] = ()  # arguments of the real run (the script's defaults when empty)
     about: str = ""
     gpu: bool = False           # the full run needs a CUDA GPU
+
+    @property
+    def results(self) -> str:
+        """The stem of its files in bench/results (bench_trust_speed.py -> trust_speed)."""
+        return self.script.removeprefix("bench_").removesuffix(".py")
 
 
 SUITES = {s.name: s for s in (
@@ -166,15 +179,65 @@ class _Bar:
             self.progress.stop()
 
 
+# ---------------------------------------------------------------------------- docs/results.md
+_BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+
+
+def generated_block(results_md: str) -> str:
+    """A results file as it sits in docs/results.md: its headings three levels down."""
+    return re.sub(r"(?m)^(#{1,3}) ", lambda m: "#" * (len(m.group(1)) + 3) + " ", results_md.strip()) + "\n"
+
+
+def regenerate_docs(docs: str, results: str, names: set[str] | None = None) -> tuple[str, list[str]]:
+    """``docs`` with its generated blocks rewritten from the ``results`` folder (only ``names``
+    when given); also the names of blocks whose results file is missing (left as they were)."""
+    missing: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        path = os.path.join(results, f"{name}.md")
+        if (names is not None and name not in names) or not os.path.exists(path):
+            if names is None or name in names:
+                missing.append(name)
+            return m.group(0)
+        with open(path) as fh:
+            return m.group(1) + generated_block(fh.read()) + m.group(4)
+
+    return _BLOCK.sub(fill, docs), missing
+
+
+def refresh_docs(bench: str, names: set[str] | None = None) -> str:
+    """Rewrite docs/results.md's generated blocks (see the module docstring); its path."""
+    path = os.path.join(os.path.dirname(bench), "docs", "results.md")
+    if not os.path.exists(path):
+        raise BenchError(f"{path} does not exist: run this in a checkout of the repository")
+    with open(path) as fh:
+        text, missing = regenerate_docs(fh.read(), os.path.join(bench, "results"), names)
+    with open(path, "w") as fh:
+        fh.write(text)
+    if missing:
+        print(f"fedledger: docs/results.md: no results yet for {', '.join(missing)} (blocks left as they were)",
+              file=sys.stderr)
+    return path
+
+
 def cmd_bench(args) -> int:
     try:
+        if not args.suites and not args.docs:
+            raise BenchError("name a suite (or 'all'), or give --docs to rewrite docs/results.md from bench/results")
         suites = resolve(args.suites)
         seconds = run_suites(suites, quick=args.quick, out=args.out)
+        full = not args.quick and args.out is None
+        docs = (refresh_docs(bench_folder(), None if args.docs else {s.results for s in suites})
+                if args.docs or (full and suites) else None)
     except BenchError as exc:
         print(f"fedledger: error: {exc}", file=sys.stderr)
         return exc.code
-    out = args.out or os.path.join(bench_folder(), "results", *(("quick",) if args.quick else ()))
-    print("fedledger: bench " + ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items()) + f"; results in {out}")
+    if suites:
+        out = args.out or os.path.join(bench_folder(), "results", *(("quick",) if args.quick else ()))
+        print("fedledger: bench " + ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items()) + f"; results in {out}")
+    if docs:
+        print(f"fedledger: rewrote the generated tables of {docs}")
     return 0
 
 
@@ -184,7 +247,9 @@ def add_bench_command(subparsers) -> None:
                               description=f"suites:\n{listing}\n  trust                robustness + serverless-trust + "
                                           f"trust-speed\n  all                  every CPU suite",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("suites", nargs="+", metavar="SUITE", help="suite name(s), 'trust' or 'all'")
+    b.add_argument("suites", nargs="*", metavar="SUITE", help="suite name(s), 'trust' or 'all'")
+    b.add_argument("--docs", action="store_true",
+                   help="rewrite docs/results.md's generated tables from bench/results (all of them)")
     b.add_argument("--quick", action="store_true", help="smoke sizes (CI), results in bench/results/quick")
     b.add_argument("--out", default=None, help="results folder (default bench/results, or bench/results/quick)")
     b.set_defaults(func=cmd_bench)
