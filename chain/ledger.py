@@ -199,9 +199,14 @@ def _writer(w3, where: str, role: str, private_key: str | None = None, private_k
     accounts = w3.eth.accounts
     if len(accounts) <= index:
         raise LedgerError(f"no {role} key and the node at {where} has no unlocked account for it; {_hint(role)}")
-    log.info("no %s key given; the node's unlocked account #%d %s acts as %s (devnets only: its key is public; "
-             "on a real chain %s)", role, index, accounts[index], role, _hint(role))
+    if (role, accounts[index]) not in _ANNOUNCED:   # once per role and account: deploy and enrol both ask
+        _ANNOUNCED.add((role, accounts[index]))
+        log.info("no %s key given; the node's unlocked account #%d %s acts as %s (devnets only: its key is public; "
+                 "on a real chain %s)", role, index, accounts[index], role, _hint(role))
     return None, accounts[index]
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 class Ledger:
