@@ -267,11 +267,24 @@ def run_simulation(app_dir: str = ".", run_config: str = "", federation_config: 
     for attempt in range(attempts):
         outcome = _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo,
                             keep_superlink, mode, progress)
-        if outcome.run_id is not None or "Error" in outcome.log:
+        if not _never_started(outcome):
             return outcome
         if echo:
             print(f"fedledger: the run did not start (attempt {attempt + 1}/{attempts})", file=sys.stderr)
     return outcome
+
+
+#: what flwr prints when its local SuperLink misses the fixed start-up window (a busy machine)
+SUPERLINK_START_TIMEOUT = "Failed to start local SuperLink within"
+
+
+def _never_started(outcome: RunOutcome) -> bool:
+    """The run never got an id and flwr reported no error of the run's own (no error at all, or
+    only its local SuperLink's start-up timeout): worth trying again."""
+    if outcome.run_id is not None:
+        return False
+    flat = " ".join(outcome.log.replace("\u2502", " ").split())   # flwr boxes its errors in "│"
+    return "Error" not in outcome.log or SUPERLINK_START_TIMEOUT in flat
 
 
 def _run_once(app_dir, run_config, federation_config, flwr_home, superlink, timeout, echo, keep_superlink,

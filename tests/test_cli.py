@@ -363,3 +363,24 @@ def test_venv_fedledger_runs_without_an_activated_venv(tmp_path):
     assert "INFO" not in out and "DeprecationWarning" not in out, out[-4000:]  # default mode: no chatter
     # ROUND LINE (needs the ServerApp to log logs.round_line after each round's central evaluation):
     assert "fedledger: round 1/1" in out, out[-4000:]
+
+
+def test_a_run_whose_local_superlink_missed_its_start_window_is_tried_again(monkeypatch, capsys):
+    from fedledger import flwr_runner
+
+    box = ("╭─ Error ──────╮\n│ Failed to start local SuperLink within 15s. See logs at │\n"
+           "│ /tmp/x/flwr/local-superlink/superlink.log.                │\n╰──────╯\n")
+    outcomes = [RunOutcome(None, "not-started", box, 1), RunOutcome("7", "finished:completed", "ok", 0)]
+    calls = []
+    monkeypatch.setattr(flwr_runner, "_run_once", lambda *a, **k: calls.append(a) or outcomes[len(calls) - 1])
+    assert flwr_runner.run_simulation(".", attempts=2).ok and len(calls) == 2
+    assert "the run did not start (attempt 1/2)" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_with_an_error_of_its_own_is_not_tried_again(monkeypatch):
+    from fedledger import flwr_runner
+
+    calls = []
+    bad = RunOutcome(None, "not-started", "╭─ Error ─╮\n│ Invalid run config: 'num-roundz' │\n", 1)
+    monkeypatch.setattr(flwr_runner, "_run_once", lambda *a, **k: calls.append(a) or bad)
+    assert flwr_runner.run_simulation(".", attempts=3) is bad and len(calls) == 1
