@@ -8,7 +8,8 @@ repetitions of
   (the fastest of three ``np.copyto`` of 256 MiB), measured in the same repetition;
 - **Flower**: Flower's own ``FedAvg().aggregate_train(round, replies)``;
 - **ours**: the default fedledger FedAvg stack, ``RoundPipeline(FedAvg(), observers=[HubAccounting])``:
-  ``aggregate_train`` of the round (decode + finiteness of every reply, aggregation, report,
+  ``aggregate_train`` of the round (decode of every reply, whose finiteness pass computes the
+  FedAvg sum too (``core.aggregate.FusedMean``), the aggregation that takes that sum, report,
   network accounting, the aggregate as an ArrayRecord), after its ``configure_train``.
 
 Reported: medians, ratios to the bound, peak extra memory (tracemalloc, numpy allocations
@@ -220,12 +221,15 @@ def plot(results: list[dict], path: str) -> None:
 def markdown(results, topo_rows, info, args, threads) -> str:
     lines = [f"# Server FedAvg vs the memory-bandwidth bound (`bench/bench_aggregation.py`)", "",
              machine_line(info) + f" 1-min load average at start: {info['load-average-1min']:.2f} "
-             "(the 2 cores are shared with other jobs).", "",
+             "(2 cores; other jobs on them raise it above 0).", "",
              f"Replies: N adapters of {args.params:,} fp32 parameters in {args.tensors} tensors, npy-serialised "
              "Arrays as a Flower grid delivers them. Medians of interleaved repetitions; the bound is the bytes of all "
              f"replies read once at the bandwidth of the fastest of three 256 MiB `np.copyto` measured in the same "
              f"repetition. "
-             f"fedledger used {threads} threads (`FEDLEDGER_THREADS`).", "",
+             f"fedledger used {threads} threads (`FEDLEDGER_THREADS`). Its *decode* phase holds the one pass over every "
+             "received value: the finiteness check that computes the FedAvg sum in the same pass "
+             "(`core.aggregate.FusedMean`); its *aggregate* phase takes that sum (or sums again when the round kept "
+             "other replies than it checked) and the metrics.", "",
              "| N | reps | bound s | Flower s | fedledger s | Flower / bound | fedledger / bound (goal <= 2) | "
              "speed-up vs Flower | of which decode s | aggregate s | configure_train s | peak extra memory, adapters "
              "(Flower / fedledger) | bit-identical |",

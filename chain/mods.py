@@ -95,6 +95,13 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         return reply
     if instruction is not None and not reply.content.array_records and reply.metadata.message_type == "train.kd":
         return reply   # KD's train reply carries metrics only; its signed update is the logit reply
+    if instruction is None:   # the server asks for no signed record: it does not audit this run
+        if (context.run_id, context.node_id) not in _UNASKED:
+            _UNASKED.add((context.run_id, context.node_id))
+            log(WARNING, "fedledger: the train reply of node %s goes out unsigned: the instruction carries no "
+                "'audit' record (the server does not audit this run, or is not fedledger's OnChainAudit); so do "
+                "its later replies in this run", context.node_id)
+        return reply
     problem, record, weight = _signable(reply, instruction, server_round, global_hash)
     if problem is not None:
         log(WARNING, "fedledger: the train reply of node %s goes out unsigned: %s; the server refuses it",
@@ -187,10 +194,12 @@ def _global_hash(msg: Message) -> str | None:
         return None
 
 
+#: (run id, node id) told once that the server asks for no signed record
+_UNASKED: set[tuple[int, int]] = set()
+
+
 def _signable(reply: Message, instruction, server_round, global_hash):
     """(why the reply cannot be signed or None, its one ArrayRecord, its whole-number weight)."""
-    if instruction is None:
-        return "the instruction carries no 'audit' record (is the server fedledger's OnChainAudit?)", None, None
     if global_hash is None:
         return "the instruction does not carry exactly one ArrayRecord (the global model)", None, None
     arrays = reply.content.array_records

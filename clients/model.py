@@ -7,6 +7,9 @@
 - ``"tiny"``: a random tiny Llama (seeded) with a small byte-level BPE tokenizer trained on the
   chatterbot corpus; for tests and CPU benchmarks.
 - a local folder holding a Hugging Face model, or a hub id (only where a hub is reachable).
+
+``add_lora`` also switches each frozen SwiGLU MLP to a backward pass that keeps 2 tensors
+instead of 5 (``clients/mlp.py``; same values, less memory).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from .mlp import slim_mlps
 
 log = logging.getLogger("fedledger")
 
@@ -270,9 +275,11 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05, target
                             task_type="CAUSAL_LM")
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ModelError(f"LoRA could not attach ({exc}); set lora-targets to module names of this model") from None
+    slim_mlps(peft_model)  # frozen MLPs keep 2 tensors for the backward pass, not 5 (clients/mlp.py)
+    return peft_model
 
 
 def _is_quantized(model) -> bool:

@@ -22,6 +22,17 @@ bit, odd shapes, many replies, float16/32/64), with
 own ``FedAvg`` and ``FedProx``, not subclasses that may override it). The round pipeline and the
 auditor's replay both call ``core.pipeline.aggregate_contributions``, which uses this path for
 those rules, so the audit recomputes the aggregate with the very same function.
+
+:class:`FusedMean` folds the boundary's finiteness check into that sum for a plain FedAvg round
+(no trust stage): the one pass over every received value both proves the replies finite and
+computes their mean. A weighted sum with positive factors is finite only if every term is
+(``inf * f`` is ``inf``, ``nan * f`` and ``inf - inf`` are ``nan``, and a non-finite
+accumulator stays non-finite), so a finite sum proves every reply finite; a non-finite one
+sends the round to the per-reply check, which names the bad tensor as before (a sum that
+overflowed with finite terms finds none). The sum is the aggregate when the round keeps
+exactly those replies, unchanged, with the same weights, in the same order; any other outcome
+(a duplicate, an unknown node, a bad signature) discards it and the aggregate is computed
+again by :func:`weighted_mean` over what was kept.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from .update import Layout
+from .update import Layout, Update, all_finite, first_non_finite
 from .workers import map_ordered
 
 #: elements per block: a float32 block (256 KiB) plus its scratch stay in a core's L2 cache
@@ -90,4 +101,40 @@ def _sum_block(job) -> None:
         np.add(acc, tmp, out=acc)
 
 
-__all__ = ["BLOCK", "FAST_RULES", "fast_rule", "flower_factors", "weighted_mean"]
+class FusedMean:
+    """The finiteness check of ``core.update.decode_replies`` fused with the FedAvg sum (see the
+    module docstring). Pass it as ``decode_replies(..., finite_check=fused)``, then
+    :meth:`take` the aggregate for the round's contributions (None: compute it again)."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._sum: dict[str, np.ndarray] | None = None
+        self._terms: tuple[tuple[Mapping[str, np.ndarray], float], ...] = ()
+
+    def __call__(self, candidates: Sequence[Update]) -> list[str | None]:
+        """Per candidate, the first tensor with a NaN/Inf value or None (as the plain check)."""
+        self._sum, self._terms = None, ()
+        if not candidates:
+            return []
+        weights = [float(u.num_examples) for u in candidates]
+        total = weighted_mean([u.arrays for u in candidates], weights, self.layout)
+        if all(map_ordered(all_finite, list(total.values()))):
+            self._sum = total
+            self._terms = tuple((u.arrays, w) for u, w in zip(candidates, weights))
+            return [None] * len(candidates)
+        return map_ordered(lambda u: first_non_finite(u.arrays), candidates)
+
+    def take(self, arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+             ) -> dict[str, np.ndarray] | None:
+        """The sum, if ``arrays``/``weights`` are exactly the checked candidates (the same
+        objects, in order); None otherwise. Either way the sum is released."""
+        total, terms = self._sum, self._terms
+        self._sum, self._terms = None, ()
+        if total is None or len(arrays) != len(terms):
+            return None
+        if all(a is checked and float(w) == tw for a, w, (checked, tw) in zip(arrays, weights, terms)):
+            return total
+        return None
+
+
+__all__ = ["BLOCK", "FAST_RULES", "FusedMean", "fast_rule", "flower_factors", "weighted_mean"]

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from .aggregate import fast_rule, weighted_mean
+from .aggregate import FusedMean, fast_rule, weighted_mean
 from .trust import Contribution, TrustDecision, apply_decision
 from .update import (
     AUDIT_KEY, NUM_EXAMPLES, BoundaryError, Identity, Layout, Rejected, Update, all_finite, decode_evaluate_reply,
@@ -174,7 +174,7 @@ def reply_metadata(node_id: int, server_round: int, run_id: int = 0) -> Metadata
 
 def aggregate_contributions(strategy: Strategy, server_round: int, contributions: Sequence[Contribution],
                             metadata: Sequence[Metadata], layout: Layout, metrics: Sequence[Mapping] | None = None,
-                            originals: Sequence[ArrayRecord] | None = None
+                            originals: Sequence[ArrayRecord] | None = None, fused: FusedMean | None = None
                             ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, str | None]:
     """Aggregate the contributions as ``strategy.aggregate_train`` does, on clean replies, in order.
 
@@ -186,7 +186,9 @@ def aggregate_contributions(strategy: Strategy, server_round: int, contributions
     For Flower's own FedAvg and FedProx (``core.aggregate.fast_rule``) the arrays are averaged
     by ``core.aggregate.weighted_mean`` straight from the decoded views (Flower's arithmetic,
     bit for bit) and the metrics by the strategy's own ``train_metrics_aggr_fn``; every other
-    rule gets the replies through its own ``aggregate_train``.
+    rule gets the replies through its own ``aggregate_train``. ``fused``: the sum the boundary's
+    finiteness pass already computed (``core.aggregate.FusedMean``), used when it is exactly
+    this sum.
     """
     if not contributions:
         return None, None, None
@@ -197,7 +199,7 @@ def aggregate_contributions(strategy: Strategy, server_round: int, contributions
     mrecs = [MetricRecord({**{k: m[k] for k in sorted(shared)}, weight_key: c.weight})
              for c, m in zip(contributions, metrics, strict=True)]
     if fast_rule(strategy) and all(d.kind == "f" for _, d in layout.specs.values()):
-        return _weighted_mean_rule(strategy, contributions, mrecs, layout, arrays_key, originals)
+        return _weighted_mean_rule(strategy, contributions, mrecs, layout, arrays_key, originals, fused)
     messages = []
     for i, (c, meta, mrec) in enumerate(zip(contributions, metadata, mrecs, strict=True)):
         record = _record_of(c, originals[i] if originals is not None else None)
@@ -223,13 +225,19 @@ def _record_of(c: Contribution, original: ArrayRecord | None) -> ArrayRecord:
 
 
 def _weighted_mean_rule(strategy: Strategy, contributions: Sequence[Contribution], mrecs: Sequence[MetricRecord],
-                        layout: Layout, arrays_key: str, originals: Sequence[ArrayRecord] | None
+                        layout: Layout, arrays_key: str, originals: Sequence[ArrayRecord] | None,
+                        fused: FusedMean | None = None
                         ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, str | None]:
     """FedAvg / FedProx: the arrays by ``weighted_mean`` (Flower's arithmetic), the metrics by the
     strategy's ``train_metrics_aggr_fn`` on the replies' records, as its ``aggregate_train`` does."""
     name = type(strategy).__name__
     weight_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
-    out = weighted_mean([c.arrays for c in contributions], [m[weight_key] for m in mrecs], layout)
+    arrays = [None if c.changed else c.arrays for c in contributions]
+    weights = [m[weight_key] for m in mrecs]
+    out = fused.take(arrays, weights) if fused is not None else None
+    proven_finite = out is not None
+    if out is None:
+        out = weighted_mean([c.arrays for c in contributions], weights, layout)
     fn = getattr(strategy, "train_metrics_aggr_fn", None) or aggregate_metricrecords
     if fn is aggregate_metricrecords:  # Flower's default reads the MetricRecords only
         contents = [RecordDict({"metrics": m}) for m in mrecs]
@@ -240,7 +248,8 @@ def _weighted_mean_rule(strategy: Strategy, contributions: Sequence[Contribution
         agg_metrics = fn(contents, weight_key)
     except Exception as exc:  # noqa: BLE001
         return None, None, f"{name}.train_metrics_aggr_fn raised {type(exc).__name__}: {exc}"
-    bad = next((k for k, v in out.items() if v.dtype.kind == "f" and not all_finite(v)), None)
+    bad = None if proven_finite else next((k for k, v in out.items() if v.dtype.kind == "f" and not all_finite(v)),
+                                          None)
     if bad is not None:
         return None, agg_metrics, f"{name} returned an unusable aggregate: {bad}: NaN/Inf values"
     return out, agg_metrics, None
@@ -417,9 +426,10 @@ class RoundPipeline(Strategy):
             report.up_bytes[int(m.metadata.src_node_id)] = n
             report.bytes_received += n
 
-        # 1. decode each reply once, at the boundary
+        # 1. decode each reply once, at the boundary (a plain FedAvg round sums while it checks)
+        fused = FusedMean(self._layout) if self._fusable() else None
         updates, rejected = decode_replies(replies, self._layout, self.max_examples,
-                                           getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES))
+                                           getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES), finite_check=fused)
         # 2. who sent it: the identity resolved once for that node, never what the reply says
         updates, rejected = self._identify(updates, rejected)
         # 3. signed records (an audit trail verifies them; the signer joins the identity)
@@ -440,7 +450,7 @@ class RoundPipeline(Strategy):
         kept = [by_key[c.key] for c in contributions]
         aggregate, metrics, error = aggregate_contributions(
             self.strategy, server_round, contributions, [u.message.metadata for u in kept], self._layout,
-            [u.metrics for u in kept], _Originals(kept, self._layout))
+            [u.metrics for u in kept], _Originals(kept, self._layout), fused)
         clock.lap("aggregate")
         self._fill(report, updates, rejected, decision, kept, metrics, error)
         if error:
@@ -489,6 +499,12 @@ class RoundPipeline(Strategy):
             return None
 
     # ----------------------------------------------------------------- steps
+    def _fusable(self) -> bool:
+        """Whether the finiteness pass can compute the aggregate too: Flower's own FedAvg/FedProx
+        arithmetic on a float layout, and no trust stage (whose decision would change the sum)."""
+        return (self.trust is None and fast_rule(self.strategy)
+                and all(d.kind == "f" for _, d in self._layout.specs.values()))
+
     def _identify(self, updates: list[Update], rejected: list[Rejected]) -> tuple[list[Update], list[Rejected]]:
         return identify_updates(self.identities, updates, rejected)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ast
 import io
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -272,7 +272,7 @@ def encode_array(value: np.ndarray) -> Array:
     header = _ENCODED_HEADERS.get(key)
     if header is None:
         header = _ENCODED_HEADERS[key] = _npy_header_bytes(v)
-    data = header + v.tobytes()
+    data = b"".join((header, v))  # one copy (``header + v.tobytes()`` would copy the values twice)
     return Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype=NUMPY_STYPE, data=data)
 
 
@@ -355,11 +355,16 @@ def is_no_reply(msg: Message) -> bool:
 
 
 def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int, weight_key: str = NUM_EXAMPLES,
-                   audit_key: str = AUDIT_KEY) -> tuple[list[Update], list[Rejected]]:
+                   audit_key: str = AUDIT_KEY, *,
+                   finite_check: Callable[[Sequence[Update]], list[str | None]] | None = None
+                   ) -> tuple[list[Update], list[Rejected]]:
     """Decode every reply once. Keeps the first valid reply per node id; the rest are rejected.
 
     The structure of every reply is checked first; then the finiteness reductions (the only
     pass over all received values) run on the tensor thread pool (``core.workers``).
+    ``finite_check`` replaces those reductions: given the structurally valid replies, it returns
+    per reply the first tensor with a NaN/Inf value, or None (``core.aggregate.FusedMean``
+    computes the FedAvg sum in the same pass).
     """
     candidates: list[Update] = []
     rejected: list[Rejected] = []
@@ -368,7 +373,8 @@ def decode_replies(replies: Iterable[Message], layout: Layout, max_examples: int
             candidates.append(decode_reply(msg, layout, max_examples, weight_key, audit_key, check_finite=False))
         except BoundaryError as exc:
             rejected.append(Rejected(_node_id(msg), str(exc)))
-    bad_tensor = map_ordered(lambda u: first_non_finite(u.arrays), candidates)
+    bad_tensor = (finite_check(candidates) if finite_check is not None
+                  else map_ordered(lambda u: first_non_finite(u.arrays), candidates))
     updates: list[Update] = []
     seen: set[int] = set()
     for update, bad in zip(candidates, bad_tensor, strict=True):

@@ -74,7 +74,18 @@ class LocalDeployment:
         return os.path.join(self.workdir, "flwr-home")
 
     def stop(self) -> None:
-        """SIGTERM each process group we started (supernodes first), then SIGKILL stragglers."""
+        """Stop everything this deployment started: SIGTERM each process group (SuperNodes first),
+        then every descendant wherever its group (the SuperLink starts its superexec and ServerApp
+        in sessions of their own: stopping its group alone would orphan them), SIGKILL after a
+        grace."""
+        import psutil
+
+        family = []
+        for p in self.procs:
+            try:
+                family += psutil.Process(p.pid).children(recursive=True)
+            except psutil.Error:
+                continue
         for p in reversed(self.procs):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -88,6 +99,16 @@ class LocalDeployment:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for q in family:
+            try:
+                q.terminate()
+            except psutil.Error:
+                pass
+        for q in psutil.wait_procs(family, timeout=15)[1]:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
 
     def __enter__(self):
         try:

@@ -59,6 +59,19 @@ def _young_garbage_only():
     gc.unfreeze()
 
 
+def node_key_files(folder, n: int):
+    """``n`` fresh signer accounts, each key in its own file under ``folder``, and the
+    ``key-file="..."`` node-config entries that give SuperNode i the i-th key."""
+    from eth_account import Account
+
+    accounts, extra = [Account.create() for _ in range(n)], []
+    for i, acct in enumerate(accounts):
+        key_file = folder / f"node-{i}.key"
+        key_file.write_text(acct.key.hex())
+        extra.append(f'key-file="{key_file}"')
+    return accounts, extra
+
+
 def random_adapter(seed: int = 0, shapes=(("a.lora_A.weight", (4, 8)), ("a.lora_B.weight", (8, 4)))):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes}

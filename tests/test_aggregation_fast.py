@@ -14,6 +14,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedledger.core import Layout, RoundPipeline
 from fedledger.core import aggregate as agg_lib
+from fedledger.core import pipeline as pipeline_lib
 from fedledger.core import update as update_lib
 from fedledger.core.aggregate import fast_rule, weighted_mean
 from fedledger.core.update import encode_array
@@ -159,3 +160,88 @@ def test_configure_train_decodes_the_global_adapter_once_whatever_the_number_of_
     messages = list(pipeline.configure_train(1, record(glob), ConfigRecord(), NodeGrid(node_ids(n))))
     assert len(messages) == n
     assert len(headers) == len(glob) and loads == []
+
+
+# ---------------------------------------------------------------------------- the fused finiteness pass
+def _count_passes(monkeypatch) -> dict[str, int]:
+    """Counts the passes over every received value: FedAvg sums and per-reply finiteness checks."""
+    counts = {"sums": 0, "reply-checks": 0}
+    real_mean, real_first = agg_lib.weighted_mean, update_lib.first_non_finite
+
+    def mean(*a, **kw):
+        counts["sums"] += 1
+        return real_mean(*a, **kw)
+
+    def first(arrays):
+        counts["reply-checks"] += 1
+        return real_first(arrays)
+
+    for module in (agg_lib, pipeline_lib):
+        monkeypatch.setattr(module, "weighted_mean", mean)
+    for module in (agg_lib, update_lib):
+        monkeypatch.setattr(module, "first_non_finite", first)
+    return counts
+
+
+def _round(shapes=None, n=6, seed=3):
+    shapes = shapes or {"x.lora_A": (8, 33), "x.lora_B": (33, 8), "long": (agg_lib.BLOCK + 5,)}
+    rng = np.random.default_rng(seed)
+    nodes = node_ids(n, seed)
+    glob = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    arrays = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in nodes]
+    weights = [int(w) for w in rng.integers(1, 500, size=n)]
+    return nodes, glob, arrays, weights
+
+
+def _flower_round(arrays, weights, nodes):
+    replies = [reply(node, a, num_examples=w) for node, a, w in zip(nodes, arrays, weights)]
+    out, _ = FedAvg().aggregate_train(1, replies)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_a_plain_fedavg_round_reads_every_reply_once(monkeypatch):
+    nodes, glob, arrays, weights = _round()
+    counts = _count_passes(monkeypatch)
+    replies = [reply(node, a, num_examples=w) for node, a, w in zip(nodes, arrays, weights)]
+    ours, report = run_round(RoundPipeline(FedAvg()), glob, replies, nodes)
+    assert counts == {"sums": 1, "reply-checks": 0}
+    assert _same_bits(ours, _flower_round(arrays, weights, nodes)) and len(report.kept) == len(nodes)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_reply_is_named_and_left_out_by_the_fused_pass_as_by_the_plain_check(bad, monkeypatch):
+    nodes, glob, arrays, weights = _round()
+    arrays[2] = {**arrays[2], "long": arrays[2]["long"].copy()}
+    arrays[2]["long"][agg_lib.BLOCK + 1] = bad
+    arrays[4] = {**arrays[4], "x.lora_B": np.full((33, 8), -bad, np.float32)}
+    replies = [reply(node, a, num_examples=w) for node, a, w in zip(nodes, arrays, weights)]
+    plain = update_lib.decode_replies(replies, Layout.of(glob), 10**9)
+    ours, report = run_round(RoundPipeline(FedAvg()), glob, replies, nodes)
+    assert [(r["node-id"], r["reason"]) for r in report.rejected] == [(r.node_id, r.reason) for r in plain[1]]
+    assert [r["reason"] for r in report.rejected] == ["long: NaN/Inf values", "x.lora_B: NaN/Inf values"]
+    kept = [i for i in range(len(nodes)) if i not in (2, 4)]
+    expected = _flower_round([arrays[i] for i in kept], [weights[i] for i in kept], [nodes[i] for i in kept])
+    assert _same_bits(ours, expected)
+
+
+def test_a_round_that_keeps_other_replies_than_were_checked_sums_them_again(monkeypatch):
+    nodes, glob, arrays, weights = _round()
+    replies = [reply(node, a, num_examples=w) for node, a, w in zip(nodes, arrays, weights)]
+    replies.append(reply(nodes[1], arrays[0], num_examples=weights[0]))  # node 1 again: rejected as a duplicate
+    counts = _count_passes(monkeypatch)
+    ours, report = run_round(RoundPipeline(FedAvg()), glob, replies, nodes)
+    assert counts["sums"] == 2
+    assert [r["reason"] for r in report.rejected] == ["a second reply from this node in the same round"]
+    assert _same_bits(ours, _flower_round(arrays, weights, nodes))
+
+
+def test_finite_replies_whose_tensor_sums_overflow_are_accepted_and_averaged_in_one_pass(monkeypatch):
+    """A tensor's own sum overflows (the plain check falls back to an element-wise look); FedAvg is
+    a convex combination, so its sum stays finite and proves the replies finite in one pass."""
+    nodes = node_ids(2)
+    replies = [reply(n, {"a": np.full((64,), 3e38, np.float32)}, num_examples=1 + i) for i, n in enumerate(nodes)]
+    counts = _count_passes(monkeypatch)
+    ours, report = run_round(RoundPipeline(FedAvg()), {"a": np.zeros((64,), np.float32)}, replies, nodes)
+    assert counts == {"sums": 1, "reply-checks": 0}
+    assert len(report.kept) == 2 and not report.rejected and np.isfinite(ours["a"]).all()
+    assert _same_bits(ours, _flower_round([{"a": np.full((64,), 3e38, np.float32)}] * 2, [1, 2], nodes))

@@ -157,13 +157,18 @@ def test_the_commitment_names_the_instructions_chain_registry_round_global_and_c
         assert not signing.verify(other, audit["signature"], audit["signer"]), other
 
 
-def test_without_the_servers_audit_record_the_reply_goes_unsigned_in_one_line(caplog):
+def test_without_the_servers_audit_record_the_replies_go_unsigned_with_one_line_per_node_and_run(caplog,
+                                                                                                 monkeypatch):
+    from fedledger.chain import mods
+
+    monkeypatch.setattr(mods, "_UNASKED", set())   # told once per process: start as a fresh node would
     app = audited(plain_app())
+    ctx = context()
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        reply = app(train_message(audited_server=False), context())
-    assert "audit" not in reply.content and not reply.has_error()
+        replies = [app(train_message(server_round=r, audited_server=False), ctx) for r in (1, 2, 3)]
+    assert all("audit" not in reply.content and not reply.has_error() for reply in replies)
     (line,) = [r.getMessage() for r in caplog.records if "goes out unsigned" in r.getMessage()]
-    assert "the instruction carries no 'audit' record" in line
+    assert "the instruction carries no 'audit' record" in line and "refuses" not in line
 
 
 def test_evaluate_and_query_replies_and_unaudited_runs_are_left_alone():

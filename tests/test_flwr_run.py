@@ -8,6 +8,8 @@ import pytest
 
 from fedledger.flwr_runner import run_simulation, stop_local_superlink
 
+from .conftest import node_key_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,18 +59,11 @@ def test_failed_run_is_reported_as_failed(tmp_path):
 @pytest.mark.deployment
 def test_deployment_superlink_and_two_supernodes(tmp_path):
     """FedAvg in deployment, audited: each SuperNode signs with the key in its own key file."""
-    from eth_account import Account
-
     from fedledger.chain.audit import audit_run
     from fedledger.deployment import LocalDeployment
 
     run_dir = tmp_path / "runs"
-    accounts = [Account.create() for _ in range(2)]
-    extra = []
-    for i, acct in enumerate(accounts):
-        key_file = tmp_path / f"node-{i}.key"
-        key_file.write_text(acct.key.hex())
-        extra.append(f'key-file="{key_file}"')
+    accounts, extra = node_key_files(tmp_path, 2)
     enrol = ",".join(a.address for a in accounts)            # the test bench's admin enrols the key-file nodes
     with LocalDeployment(str(tmp_path / "deploy"), num_supernodes=2, node_config_extra=extra) as dep:
         pids = [p.pid for p in dep.procs]

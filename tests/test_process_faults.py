@@ -23,6 +23,7 @@ from fedledger.chain.ledger import KEY_ENV
 from fedledger.core.checkpoint import CHECKPOINT_FILE
 from fedledger.flwr_runner import stop_local_superlink
 
+from .conftest import node_key_files
 from .test_chain_anvil import _free_port, needs_anvil
 
 pytestmark = [pytest.mark.faults, needs_anvil]
@@ -219,18 +220,11 @@ def test_a_supernode_killed_mid_round_is_absent_there_and_rejoins_from_the_curre
     names it ABSENT exactly in the rounds it missed."""
     import threading
 
-    from eth_account import Account
-
     from fedledger.deployment import LocalDeployment
     from fedledger.flwr_runner import flwr_env, run_simulation
 
     rounds, victim = 5, 2
-    accounts = [Account.create() for _ in range(3)]
-    extra = []
-    for i, acct in enumerate(accounts):
-        key_file = tmp_path / f"node-{i}.key"
-        key_file.write_text(acct.key.hex())
-        extra.append(f'key-file="{key_file}"')
+    accounts, extra = node_key_files(tmp_path, 3)
     run_dir = tmp_path / "runs"
     config = (f"model='tiny' num-rounds={rounds} local-steps=5 eval-batches=4 audit='anvil' "
               f"rpc-url='{anvil_node['url']}' enrol='{','.join(a.address for a in accounts)}' "

@@ -109,6 +109,57 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny):
         np.testing.assert_allclose(adapters[1][name], value, rtol=1e-5, atol=1e-7)
 
 
+def _stock_mlps(model):
+    """The same model with Hugging Face's own MLP forward back on every slimmed MLP."""
+    for module in model.modules():
+        if hasattr(module, "_stock_forward"):
+            module.forward = module._stock_forward
+    return model
+
+
+def _saved_bytes(loss_fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of ``loss_fn()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return sum(storages.values())
+
+
+def test_frozen_mlps_keep_less_for_the_backward_pass_and_give_the_same_loss_and_gradients(tiny):
+    tok, examples = tiny
+    slim, stock = _lora(tok, dropout=0.1), _stock_mlps(_lora(tok, dropout=0.1))
+    assert sum(hasattr(m, "_stock_forward") for m in slim.modules()) == model_lib.TINY_LAYERS
+    batch = data_lib.collate(examples[:8], tok.pad_token_id)
+    runs = []
+    for model in (slim, stock):
+        model.train()
+        torch.manual_seed(7)   # the same LoRA dropout masks
+        runs.append(_grads(model, lambda: loss_lib.causal_lm_loss(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"])))
+    (slim_loss, slim_grads), (stock_loss, stock_grads) = runs
+    assert slim_loss == stock_loss
+    for name, g in stock_grads.items():
+        torch.testing.assert_close(slim_grads[name], g, rtol=1e-6, atol=1e-9)
+    sizes = []
+    for model in (slim, stock):
+        torch.manual_seed(7)
+        sizes.append(_saved_bytes(lambda: loss_lib.causal_lm_loss(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"])))
+    tokens, inter = batch["input_ids"].numel(), slim.get_base_model().config.intermediate_size
+    assert sizes[1] - sizes[0] >= model_lib.TINY_LAYERS * tokens * inter * 4  # one fp32 tensor per layer less
+
+
+def test_an_mlp_with_lora_on_it_keeps_hugging_faces_forward(tiny):
+    tok, _ = tiny
+    model = model_lib.add_lora(model_lib.tiny_llama(tok), r=4, targets=("q_proj", "up_proj"))
+    assert not any(hasattr(m, "_stock_forward") for m in model.modules())
+
+
 def test_full_precision_lora_runs_without_bitsandbytes_and_qlora_still_gets_it(tmp_path):
     pytest.importorskip("bitsandbytes")
     code = """
