@@ -165,7 +165,7 @@ def main(argv=None):
                "seconds": rows, "machine": info}
     md = f"""# Trust speed: PageRank trust vs one GEMM (`bench/bench_trust_speed.py`)
 
-{machine_line(info)} 1-min load average at start: {info['load-average-1min']:.2f} (the 2 cores are shared with other jobs).
+{machine_line(info)} 1-min load average at start: {info['load-average-1min']:.2f} (2 cores; other jobs on them raise it above 0).
 
 N = {n} train replies of P = {p:,} fp32 parameters in {args.tensors} tensors ({n * p * 4 / 2**30:.2f} GiB), a quarter
 sign-flipped; the server's reference update given. Median of {args.repeats} interleaved repetitions after a warm-up;
