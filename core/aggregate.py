@@ -37,7 +37,6 @@ again by :func:`weighted_mean` over what was kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -78,7 +77,7 @@ def weighted_mean(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
         if dtype.kind != "f":
             raise TypeError(f"{name}: weighted_mean needs floating-point tensors, got {dtype}")
     factors = flower_factors(weights)
-    out = empty_adapter(layout)
+    out = {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.specs.items()}
     jobs = []
     for name, acc in out.items():
         flat_acc = acc.reshape(-1)
@@ -87,24 +86,6 @@ def weighted_mean(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
         for start in range(0, max(flat_acc.size, 1), BLOCK):
             jobs.append((flat_acc, sources, scale, start, min(start + BLOCK, flat_acc.size)))
     map_ordered(_sum_block, jobs)
-    return out
-
-
-def empty_adapter(layout: Layout) -> dict[str, np.ndarray]:
-    """Uninitialised tensors of ``layout``, as views of one buffer per dtype: one large allocation
-    gets transparent huge pages (numpy asks for them), where a separate allocation per tensor
-    would pay a page fault per 4 KiB (10 ms for 16 MB in 60 tensors on the bench machine's VM,
-    0.6 ms in one buffer): the aggregate is written into fresh memory every round."""
-    sizes: dict[np.dtype, int] = {}
-    for shape, dtype in layout.specs.values():
-        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-    buffers = {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
-    offsets = dict.fromkeys(sizes, 0)
-    out = {}
-    for name, (shape, dtype) in layout.specs.items():
-        start, size = offsets[dtype], math.prod(shape)
-        out[name] = buffers[dtype][start:start + size].reshape(shape)
-        offsets[dtype] = start + size
     return out
 
 
@@ -158,4 +139,4 @@ class FusedMean:
         return None
 
 
-__all__ = ["BLOCK", "FAST_RULES", "FusedMean", "empty_adapter", "fast_rule", "flower_factors", "weighted_mean"]
+__all__ = ["BLOCK", "FAST_RULES", "FusedMean", "fast_rule", "flower_factors", "weighted_mean"]
