@@ -9,7 +9,7 @@
 - a local folder holding a Hugging Face model, or a hub id (only where a hub is reachable).
 
 ``add_lora`` also switches each frozen SwiGLU MLP to a backward pass that keeps 2 tensors
-instead of 5 (``clients/mlp.py``; same values, less memory).
+instead of 3 (``clients/mlp.py``; same values, less memory).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05, target
             peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ModelError(f"LoRA could not attach ({exc}); set lora-targets to module names of this model") from None
-    slim_mlps(peft_model)  # frozen MLPs keep 2 tensors for the backward pass, not 5 (clients/mlp.py)
+    slim_mlps(peft_model)  # frozen MLPs keep 2 tensors for the backward pass, not 3 (clients/mlp.py)
     return peft_model
 
 
