@@ -199,14 +199,9 @@ def _writer(w3, where: str, role: str, private_key: str | None = None, private_k
     accounts = w3.eth.accounts
     if len(accounts) <= index:
         raise LedgerError(f"no {role} key and the node at {where} has no unlocked account for it; {_hint(role)}")
-    if (role, accounts[index]) not in _ANNOUNCED:   # once per role and account: deploy and enrol both ask
-        _ANNOUNCED.add((role, accounts[index]))
-        log.info("no %s key given; the node's unlocked account #%d %s acts as %s (devnets only: its key is public; "
-                 "on a real chain %s)", role, index, accounts[index], role, _hint(role))
+    log.info("no %s key given; the node's unlocked account #%d %s acts as %s (devnets only: its key is public; "
+             "on a real chain %s)", role, index, accounts[index], role, _hint(role))
     return None, accounts[index]
-
-
-_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 class Ledger:
@@ -229,6 +224,7 @@ class Ledger:
         self._transient = _transient_types()
         self._enrolment: dict = {"block": None, "events": []}     # enrolment events read so far
         self._immutables: dict = {}
+        self._deployed_by: Ledger | None = None   # the admin's writer, when this object's connect deployed
 
     # ------------------------------------------------------------------ construction
     @property
@@ -248,7 +244,10 @@ class Ledger:
     def admin(self, private_key: str | None = None, private_key_file: str | None = None) -> "Ledger":
         """The registry written by its admin: the admin key (:func:`role_account`), else the node's
         second unlocked account (devnets). Raises a one-line LedgerError when that is not the
-        registry's admin."""
+        registry's admin. Without a key given, the admin that deployed the registry in
+        :meth:`connect` is that writer (resolved once, not again)."""
+        if private_key is None and private_key_file is None and self._deployed_by is not None:
+            return self._deployed_by
         account, sender = _writer(self.w3, self.rpc_url or "the in-process chain", "admin", private_key,
                                   private_key_file)
         admin = self.admin_address()
@@ -352,7 +351,8 @@ class Ledger:
     def _as_aggregator(self, account, sender) -> "Ledger":
         """The aggregator's writer of a registry this (admin) ledger deployed; it carries the deploy tx."""
         ledger = self.writer(account, sender)
-        ledger.tx_log = list(self.tx_log)
+        ledger.tx_log, self.tx_log = self.tx_log, []   # the deploy tx is on the aggregator's record, once
+        ledger._deployed_by = self
         return ledger
 
     def info(self) -> dict:

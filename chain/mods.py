@@ -96,8 +96,8 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     if instruction is not None and not reply.content.array_records and reply.metadata.message_type == "train.kd":
         return reply   # KD's train reply carries metrics only; its signed update is the logit reply
     if instruction is None:   # the server asks for no signed record: it does not audit this run
-        if (context.run_id, context.node_id) not in _UNASKED:
-            _UNASKED.add((context.run_id, context.node_id))
+        if UNSIGNED_NOTED not in context.state.config_records:   # the node's state lives for the run
+            context.state[UNSIGNED_NOTED] = ConfigRecord({"round": server_round or 0})
             log(WARNING, "fedledger: the train reply of node %s goes out unsigned: the instruction carries no "
                 "'audit' record (the server does not audit this run, or is not fedledger's OnChainAudit); so do "
                 "its later replies in this run", context.node_id)
@@ -194,8 +194,8 @@ def _global_hash(msg: Message) -> str | None:
         return None
 
 
-#: (run id, node id) told once that the server asks for no signed record
-_UNASKED: set[tuple[int, int]] = set()
+#: the node state's record that its replies of this run go out unsigned (logged once)
+UNSIGNED_NOTED = "fedledger.unsigned-noted"
 
 
 def _signable(reply: Message, instruction, server_round, global_hash):

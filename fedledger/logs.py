@@ -105,16 +105,17 @@ def round_line(server_round: int, num_rounds: int, report: dict, central: dict |
     whose values are missing are left out."""
     parts = [f"round {server_round}/{num_rounds}"]
     central = central or {}
-    if _is_number(central.get("eval-loss")):
+    if is_number(central.get("eval-loss")):
         parts.append(f"loss {central['eval-loss']:.4f}")
-    if _is_number(central.get("perplexity")):
+    if is_number(central.get("perplexity")):
         parts.append(f"ppl {central['perplexity']:.2f}")
     parts += [p for p in (_clients_part(report), _peers_part(report), _traffic_part(report), _seconds_part(report))
               if p]
     return "  ".join(parts)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A measured number: an int or float, not a bool, not NaN (NaN: nothing was measured)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
@@ -134,7 +135,7 @@ def _peers_part(report: dict) -> str | None:
 
 def _traffic_part(report: dict) -> str | None:
     down, up = report.get("bytes-sent"), report.get("bytes-received")
-    pieces = [f"{_mb(v)} {name}" for v, name in ((down, "down"), (up, "up")) if _is_number(v)]
+    pieces = [f"{_mb(v)} {name}" for v, name in ((down, "down"), (up, "up")) if is_number(v)]
     return "MB " + " / ".join(pieces) if pieces else None
 
 
@@ -144,7 +145,7 @@ def _mb(num_bytes: float) -> str:
 
 
 def _seconds_part(report: dict) -> str | None:
-    if _is_number(report.get("wall-seconds")):
+    if is_number(report.get("wall-seconds")):
         return f"{report['wall-seconds']:.1f} s"
-    phases = [v for v in (report.get("seconds") or {}).values() if _is_number(v)]
+    phases = [v for v in (report.get("seconds") or {}).values() if is_number(v)]
     return f"{sum(phases):.1f} s" if phases else None

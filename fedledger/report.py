@@ -30,6 +30,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .logs import is_number
+
 REPORT_FOLDER = "report"
 #: Audit statuses, worst first: a grid cell with several rows shows the worst.
 AUDIT_ORDER = ("MISMATCH", "MISSING", "BAD-SIGNATURE", "NO-AGGREGATE", "UNSIGNED", "NOT-RECOMPUTED", "REJECTED", "OK")
@@ -121,8 +123,7 @@ def _rounds(metrics: dict | None) -> list[tuple[int, dict]]:
 
 
 def _number(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    return float(value) if ok else None
+    return float(value) if is_number(value) else None
 
 
 def _series(rounds, *path) -> tuple[list[int], list[float]]:

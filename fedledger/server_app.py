@@ -27,7 +27,6 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -394,11 +393,6 @@ class CentralEvaluation:
         return evaluate_fn
 
 
-def _measured(value) -> bool:
-    """A number the evaluation measured (NaN: nothing was scored)."""
-    return isinstance(value, (int, float)) and not math.isnan(value)
-
-
 def fixed_sample(examples: list, size: int, seed: int) -> list:
     """``size`` examples drawn once (seeded, kept in split order); all of them for 0 or a larger size."""
     if size <= 0 or size >= len(examples):
@@ -507,7 +501,7 @@ def write_run(folder: str, settings: Settings, run_id: int, nodes: list[int], ro
         json.dump(summary, fh, indent=2, default=str)
     first, last = rounds.get(0, {}).get("central"), rounds.get(settings.strategy.num_rounds, {}).get("central")
     full = rounds.get(settings.strategy.num_rounds, {}).get("central-full")
-    if first and last and _measured(first.get("perplexity")) and _measured(last.get("perplexity")):
+    if first and last and logs.is_number(first.get("perplexity")) and logs.is_number(last.get("perplexity")):
         what = f"sample of {last['num-examples']}" if full else "held-out split"
         log.info("held-out perplexity (%s) %.2f -> %.2f over %s rounds (%.1f s)%s", what, first["perplexity"],
                  last["perplexity"], settings.strategy.num_rounds, wall,

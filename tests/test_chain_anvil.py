@@ -246,3 +246,20 @@ def test_the_admin_deploys_and_enrols_with_the_cli_and_the_aggregator_runs_on_th
     assert "not the admin you trust" in capsys.readouterr().out
     assert cli(["registry", "revoke", clients[0], "--registry-address", registry, *base]) == 0
     assert not ledger.is_enrolled(clients[0])
+
+
+@needs_anvil
+def test_a_deployed_registry_keeps_its_admin_and_each_devnet_account_is_announced_once(anvil, caplog, monkeypatch):
+    """``connect`` deploys with the devnet's admin account; asking for the admin again (the audit
+    enrols with it) gets that same writer, and no second notice."""
+    import logging
+
+    from fedledger.chain.ledger import Ledger
+
+    monkeypatch.delenv("FEDLEDGER_ADMIN_KEY", raising=False)
+    with caplog.at_level(logging.INFO, logger="fedledger"):
+        ledger = Ledger.connect(anvil["url"])
+        admin = ledger.admin()
+        assert ledger.admin() is admin and admin.sender.lower() == admin.admin_address().lower()
+    notices = [r.getMessage() for r in caplog.records if "acts as" in r.getMessage()]
+    assert sorted(n.split(" acts as ")[1].split()[0] for n in notices) == ["admin", "aggregator"]

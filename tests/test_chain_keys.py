@@ -60,22 +60,3 @@ def test_bad_keys_and_files_are_one_line_errors(fresh, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "0x1234")
     message = one_line_error(f"\\${KEY_ENV} is not a 0x-hex private key")
     assert "aggregator-key-file" in message   # names both ways to give a key
-
-
-def test_the_devnet_account_notice_is_printed_once_per_role(caplog, fresh, monkeypatch):
-    import logging
-
-    monkeypatch.delenv("FEDLEDGER_ADMIN_KEY", raising=False)
-
-    from web3 import EthereumTesterProvider, Web3
-
-    from fedledger.chain import ledger
-
-    w3 = Web3(EthereumTesterProvider())
-    ledger._ANNOUNCED.clear()
-    with caplog.at_level(logging.INFO, logger="fedledger"):
-        first = [ledger._writer(w3, "eth-tester", "admin") for _ in range(2)]
-        ledger._writer(w3, "eth-tester", "aggregator")
-    notices = [r.getMessage() for r in caplog.records if "acts as" in r.getMessage()]
-    assert first[0] == first[1] and len(notices) == 2
-    assert "acts as admin" in notices[0] and "acts as aggregator" in notices[1]

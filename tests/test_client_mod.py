@@ -157,11 +157,7 @@ def test_the_commitment_names_the_instructions_chain_registry_round_global_and_c
         assert not signing.verify(other, audit["signature"], audit["signer"]), other
 
 
-def test_without_the_servers_audit_record_the_replies_go_unsigned_with_one_line_per_node_and_run(caplog,
-                                                                                                 monkeypatch):
-    from fedledger.chain import mods
-
-    monkeypatch.setattr(mods, "_UNASKED", set())   # told once per process: start as a fresh node would
+def test_without_the_servers_audit_record_the_replies_go_unsigned_with_one_line_per_node_and_run(caplog):
     app = audited(plain_app())
     ctx = context()
     with caplog.at_level(logging.WARNING, logger="flwr"):
